@@ -1,0 +1,116 @@
+"""The pre-training losses of SCL as pure tensor functions (SPEC section 6).
+
+Nothing here reads a config or touches a batch dict: model.forward decides which passes to run
+and calls these with tensors. Distributed training is handled by `gather`, which is the identity
+on a single process.
+"""
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
+import torch.nn.functional as F
+
+
+def world():
+    """(rank, world_size); (0, 1) when torch.distributed is not initialised."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather(x, grad=True):
+    """Concatenate x (B, ...) from every rank along dim 0 -> (world*B, ...).
+
+    With grad=True the gather is autograd-aware: the gradient of a rank's loss with respect to
+    another rank's features is sent back to that rank (summed), and DDP's gradient averaging then
+    gives exactly the gradient of the mean loss over the global batch.
+    """
+    rank, size = world()
+    if size == 1:
+        return x
+    if grad:
+        return torch.cat(dist_fn.all_gather(x), dim=0)
+    parts = [torch.empty_like(x) for _ in range(size)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim=0)
+
+
+def info_nce(a, b, scale, a_all=None, b_all=None, rank=0):
+    """Symmetric InfoNCE between paired rows of a and b, with negatives from every rank.
+
+    a, b: (B, D) L2-normalised, row i of a pairs with row i of b. a_all, b_all: (W*B, D), the same
+    features gathered over W ranks (default: no gathering); rank: this rank's block in them.
+    scale: 1 / temperature.
+
+        L = CE(scale * a @ b_all^T, y) + CE(scale * b @ a_all^T, y),   y_i = rank * B + i
+
+    The sum of both directions is the SCL formula L(S) = CE(S/tau, I) + CE(S^T/tau, I) (SPEC 6.5);
+    for ITC the 0.5 weight in Config turns it into CLIP's mean of the two directions.
+    """
+    a_all = a if a_all is None else a_all
+    b_all = b if b_all is None else b_all
+    labels = torch.arange(a.shape[0], device=a.device) + rank * a.shape[0]  # (B,)
+    return F.cross_entropy(scale * a @ b_all.t(), labels) + F.cross_entropy(scale * b @ a_all.t(), labels)
+
+
+def contrastive(a, b, scale):
+    """info_nce with both sides gathered from all ranks with gradients. a, b: (B, D)."""
+    return info_nce(a, b, scale, gather(a), gather(b), world()[0])
+
+
+def semantic_completion(pred, target, temperature=0.03):
+    """SCL loss (MVSC or MLSC): recover the complete sample's global feature from the masked one.
+
+    pred: (B, H) fused global feature of the masked sample; target: (B, H) the same feature of the
+    complete sample. Stop-gradient on the target; both L2-normalised over the FEATURE dimension
+    (the release normalises over frames, which makes MVSC constant on images); symmetric InfoNCE
+    at a fixed temperature with negatives gathered from every rank.
+    """
+    pred = F.normalize(pred.float(), dim=-1)
+    target = F.normalize(target.detach().float(), dim=-1)
+    return info_nce(pred, target, 1.0 / temperature, gather(pred), gather(target, grad=False), world()[0])
+
+
+def sample_hard_negatives(sim):
+    """Draw one hard negative per row and per column of a (B, B) similarity matrix.
+
+    Row i of sim scores image i against every text; the negative text for image i is drawn from
+    softmax(sim[i]) with the positive (the diagonal) removed, and likewise the negative image for
+    text j from softmax(sim[:, j]) (ALBEF/BLIP hard negatives). Both draws are ONE batched
+    torch.multinomial call: no Python loop over the batch, no host sync. Needs B >= 2.
+
+    Returns (neg_text_for_image (B,), neg_image_for_text (B,)) long indices.
+    """
+    B = sim.shape[0]
+    logits = torch.cat([sim, sim.t()], dim=0).float()                 # (2B, B)
+    eye = torch.eye(B, dtype=torch.bool, device=sim.device).repeat(2, 1)
+    probs = logits.masked_fill(eye, float("-inf")).softmax(dim=-1)    # (2B, B), zero on positives
+    idx = torch.multinomial(probs, 1).squeeze(1)                      # (2B,)
+    return idx[:B], idx[B:]
+
+
+def itm_loss(logits, labels):
+    """Image-text matching: 2-way cross-entropy, mean over pairs. logits (N, 2), labels (N,)."""
+    return F.cross_entropy(logits.float(), labels)
+
+
+def mlm_loss(logits, labels):
+    """Masked language modelling: CE over the positions where labels != -100.
+
+    logits (B, L, V), labels (B, L). Normalised by the number of predicted tokens over ALL ranks
+    (times the world size), so that DDP's gradient averaging equals the single-process mean over
+    the global batch even when ranks mask different numbers of tokens. The count is reduced on
+    the device: no host sync.
+    """
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum")
+    count = (labels != -100).sum().float()
+    rank, size = world()
+    if size > 1:
+        count = count.clone()
+        dist.all_reduce(count)
+        count = count / size
+    return loss / count.clamp(min=1.0)
+
+
+def vqa_loss(logits, targets):
+    """VQA: BCE-with-logits against soft scores, times the number of answers (ViLT/METER). (B, A)."""
+    return F.binary_cross_entropy_with_logits(logits.float(), targets) * targets.shape[1]

@@ -1,0 +1,374 @@
+"""SCL model: flexible ViT + BERT/RoBERTa text encoder + METER co-attention fusion + heads.
+
+`SCLModel.forward(batch)` runs every pre-training pass and returns the losses (SPEC section 6):
+
+    pass                      vision input      text input    fused pairs   feeds
+    1-2 unimodal              full clips        full text     -             ITC, hard negatives
+    3   ITM                   full + negatives  full + neg.   3B            ITM
+    4   MLM                   full              MLM-masked    B             MLM
+    5   MVSC                  20% of patches    full          B             MVSC pred, MLSC target
+    6   MLSC                  full              40% [MASK]    B             MLSC pred, MVSC target
+
+A loss weight of 0 in Config skips that loss's passes.
+"""
+import json
+import math
+import os
+from dataclasses import dataclass, fields, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from losses import contrastive, itm_loss, mlm_loss, sample_hard_negatives, semantic_completion, vqa_loss
+from vision import MLP, Attention, VisionTransformer, clip_to_ours, load_state, read_weights
+
+
+@dataclass
+class Config:
+    # text encoder: BERT-style, post-LN (sizes are replaced by the folder's config.json on from_pretrained)
+    vocab_size: int = 30522
+    text_width: int = 768
+    text_layers: int = 12
+    text_heads: int = 12
+    text_ffn: int = 3072
+    max_positions: int = 512        # rows of the position table (RoBERTa's counts its padding offset)
+    type_vocab_size: int = 2
+    text_kind: str = "bert"         # "roberta": position ids start at pad_token_id + 1
+    pad_token_id: int = 0
+    text_eps: float = 1e-12         # LayerNorm eps of the text encoder and the fusion layers (BERT's)
+    # vision encoder: CLIP ViT
+    image_size: int = 224           # the grid the position table is stored for; any input size works
+    patch_size: int = 16
+    vision_width: int = 768
+    vision_layers: int = 11         # METER and the release keep 11 of CLIP's 12 blocks
+    vision_heads: int = 12
+    max_frames: int = 8             # rows of the temporal table; longer clips interpolate it
+    vision_act: str = "quick_gelu"  # OpenAI CLIP's activation; "gelu" for ViTs trained with it
+    # fusion and heads
+    hidden: int = 768               # H: width of the co-attention layers
+    fusion_layers: int = 6          # per modality
+    fusion_heads: int = 12
+    fusion_ffn: int = 3072
+    embed_dim: int = 512            # ITC embedding size
+    n_answers: int = 0              # > 0 adds the VQA head (fine-tuning)
+    # pre-training losses (SPEC 6): a weight of 0 skips the loss's passes
+    w_itc: float = 0.5
+    w_itm: float = 1.0
+    w_mlm: float = 1.0
+    w_scl: float = 1.0              # MVSC + MLSC
+    image_mask_ratio: float = 0.8   # MVSC drops this fraction of patches (tube masking)
+    scl_temperature: float = 0.03
+    itc_temperature: float = 0.07   # initial value; learned, logit scale clamped at 100
+
+
+CONFIGS = {
+    # CPU demo and tests: 64 px images with 8 px patches, a trained WordPiece vocabulary
+    "tiny": Config(vocab_size=4096, text_width=128, text_layers=2, text_heads=2, text_ffn=512, max_positions=64,
+                   image_size=64, patch_size=8, vision_width=128, vision_layers=2, vision_heads=2,
+                   hidden=128, fusion_layers=2, fusion_heads=2, fusion_ffn=512, embed_dim=64),
+    # a MiniLM-sized text encoder with a ViT-S/16-sized vision encoder
+    "small": Config(text_width=384, text_layers=6, text_heads=12, text_ffn=1536, vision_width=384,
+                    vision_layers=12, vision_heads=6, hidden=384, fusion_layers=3, fusion_heads=6,
+                    fusion_ffn=1536, embed_dim=256),
+    # the paper: CLIP ViT-B/16 (11 blocks) + BERT-base or RoBERTa-base + 6 co-attention layers per side
+    "base": Config(),
+}
+
+
+class Block(nn.Module):
+    """Post-LN transformer layer (BERT): self-attention, optional cross-attention, FFN; each + residual -> LN.
+
+    With cross-attention it is METER's co-attention layer: the queries of one modality attend to the
+    other modality's states from the previous layer.
+    """
+
+    def __init__(self, dim, heads, ffn, eps, cross=False):
+        super().__init__()
+        self.attn, self.ln1 = Attention(dim, heads), nn.LayerNorm(dim, eps=eps)
+        self.cross = Attention(dim, heads) if cross else None
+        self.ln_cross = nn.LayerNorm(dim, eps=eps) if cross else None
+        self.mlp, self.ln2 = MLP(dim, ffn, nn.GELU()), nn.LayerNorm(dim, eps=eps)
+
+    def forward(self, x, mask=None, other=None, other_mask=None):
+        """x (B, L, D), mask (B, L) bool or None; other (B, S, D), other_mask (B, S) or None."""
+        x = self.ln1(x + self.attn(x, key_mask=mask))
+        if self.cross is not None:
+            x = self.ln_cross(x + self.cross(x, context=other, key_mask=other_mask))
+        return self.ln2(x + self.mlp(x))
+
+
+class TextEncoder(nn.Module):
+    """BERT / RoBERTa encoder, numerically equal to transformers' BertModel/RobertaModel."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.kind, self.pad = c.text_kind, c.pad_token_id
+        self.word = nn.Embedding(c.vocab_size, c.text_width)
+        self.pos = nn.Embedding(c.max_positions, c.text_width)
+        self.token_type = nn.Embedding(c.type_vocab_size, c.text_width)
+        self.ln = nn.LayerNorm(c.text_width, eps=c.text_eps)
+        self.layers = nn.ModuleList(Block(c.text_width, c.text_heads, c.text_ffn, c.text_eps)
+                                    for _ in range(c.text_layers))
+        self.grad_checkpointing = False
+
+    def forward(self, ids, mask):
+        """ids (B, L) long, mask (B, L) bool (right padding) -> (B, L, D)."""
+        if self.kind == "roberta":  # RoBERTa counts positions from pad + 1 and gives padding the pad position
+            pos = mask.long().cumsum(1) * mask.long() + self.pad
+        else:
+            pos = torch.arange(ids.shape[1], device=ids.device)[None]
+        x = self.ln(self.word(ids) + self.pos(pos) + self.token_type.weight[0])
+        for layer in self.layers:
+            x = checkpoint(layer, x, mask, use_reentrant=False) if self.grad_checkpointing and self.training \
+                else layer(x, mask)
+        return x
+
+
+class ITCHead(nn.Module):
+    """H -> H -> LayerNorm -> GELU -> embed_dim, L2-normalised (SPEC 5)."""
+
+    def __init__(self, dim, out):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, dim), nn.LayerNorm(dim), nn.GELU(), nn.Linear(dim, out))
+
+    def forward(self, x):
+        return F.normalize(self.net(x), dim=-1)
+
+
+class MLMHead(nn.Module):
+    """dense + GELU + LayerNorm + decoder to the vocabulary (BERT's prediction head)."""
+
+    def __init__(self, dim, vocab, eps, tied=None):
+        super().__init__()
+        self.dense, self.ln = nn.Linear(dim, dim), nn.LayerNorm(dim, eps=eps)
+        self.decoder = nn.Linear(dim, vocab)
+        if tied is not None:  # BERT ties the decoder to the word embeddings when the widths agree
+            self.decoder.weight = tied
+
+    def forward(self, x):
+        return self.decoder(self.ln(F.gelu(self.dense(x))))
+
+
+class SCLModel(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        c = self.config = config
+        H = c.hidden
+        self.vision = VisionTransformer(c.vision_width, c.vision_layers, c.vision_heads, c.patch_size,
+                                        c.image_size, c.max_frames, c.vision_act)
+        self.text = TextEncoder(c)
+        self.text_in, self.vision_in = nn.Linear(c.text_width, H), nn.Linear(c.vision_width, H)
+        self.modality = nn.Embedding(2, H)  # token type of the fusion: text 0, vision 1
+        self.text_fusion = nn.ModuleList(Block(H, c.fusion_heads, c.fusion_ffn, c.text_eps, cross=True)
+                                         for _ in range(c.fusion_layers))
+        self.vision_fusion = nn.ModuleList(Block(H, c.fusion_heads, c.fusion_ffn, c.text_eps, cross=True)
+                                           for _ in range(c.fusion_layers))
+        self.text_pool = nn.Sequential(nn.Linear(H, H), nn.Tanh())
+        self.vision_pool = nn.Sequential(nn.Linear(H, H), nn.Tanh())
+        self.itc_text, self.itc_vision = ITCHead(H, c.embed_dim), ITCHead(H, c.embed_dim)
+        self.logit_scale = nn.Parameter(torch.tensor(0.0))
+        self.itm_head = nn.Linear(2 * H, 2)
+        self.mlm_head = MLMHead(H, c.vocab_size, c.text_eps, self.text.word.weight if H == c.text_width else None)
+        if c.n_answers:
+            self.vqa_head = nn.Sequential(nn.Linear(2 * H, 2 * H), nn.LayerNorm(2 * H), nn.GELU(),
+                                          nn.Linear(2 * H, c.n_answers))
+        self.grad_checkpointing = False
+        self.init_weights()
+
+    def init_weights(self):
+        """BERT init (normal 0.02) everywhere, with these exceptions:
+        - LayerNorm: weight 1, bias 0;
+        - CLIP's class and position embeddings: normal with std width^-0.5;
+        - the temporal embedding: zeros (SPEC 2);
+        - the logit scale: log(1 / itc_temperature).
+        Pretrained weights loaded afterwards replace the encoders'."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding, nn.Conv2d)):
+                nn.init.normal_(m.weight, std=0.02)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        std = self.config.vision_width ** -0.5
+        nn.init.normal_(self.vision.cls, std=std)
+        nn.init.normal_(self.vision.pos, std=std)
+        nn.init.zeros_(self.vision.temporal)
+        nn.init.constant_(self.logit_scale, math.log(1 / self.config.itc_temperature))
+
+    # -- building blocks, also used by eval.py ---------------------------------------------------
+
+    def embed_vision(self, pixels, mask_ratio=0.0):
+        """pixels (B, T, 3, H, W) -> vision states in the fusion width (B, T, 1+K, H)."""
+        self.vision.grad_checkpointing = self.grad_checkpointing
+        return self.vision_in(self.vision(pixels, mask_ratio))
+
+    def embed_text(self, ids, mask):
+        """(B, L) ids and bool mask -> text states in the fusion width (B, L, H)."""
+        self.text.grad_checkpointing = self.grad_checkpointing
+        return self.text_in(self.text(ids, mask))
+
+    def fuse(self, t, mask, v):
+        """Co-attention (SPEC 4). t (B, L, H), mask (B, L), v (B, T, K, H) -> same shapes, fused.
+
+        Both stacks update in parallel from the previous layer's outputs. Only attention over text
+        keys needs a mask; vision tokens are never padded.
+        """
+        B, T, K, H = v.shape
+        t = t + self.modality.weight[0]
+        v = v.flatten(1, 2) + self.modality.weight[1]                        # (B, T*K, H)
+        for text_layer, vision_layer in zip(self.text_fusion, self.vision_fusion):
+            if self.grad_checkpointing and self.training:
+                t, v = (checkpoint(text_layer, t, mask, v, None, use_reentrant=False),
+                        checkpoint(vision_layer, v, None, t, mask, use_reentrant=False))
+            else:
+                t, v = text_layer(t, mask, v, None), vision_layer(v, None, t, mask)
+        return t, v.view(B, T, K, H)
+
+    @staticmethod
+    def vision_global(v):
+        """Global feature of a clip: mean of its T frame-CLS tokens. (B, T, K, H) -> (B, H)."""
+        return v[:, :, 0].mean(dim=1)
+
+    def pool(self, t, v):
+        """Fused pair -> (B, 2H): the poolers on the text CLS and the vision global feature."""
+        return torch.cat([self.text_pool(t[:, 0]), self.vision_pool(self.vision_global(v))], dim=-1)
+
+    # -- public inference API -----------------------------------------------------------------------
+
+    def encode_image(self, pixels):
+        """(B, T, 3, H, W) -> (B, embed_dim) L2-normalised ITC embedding."""
+        return self.itc_vision(self.vision_global(self.embed_vision(pixels)))
+
+    def encode_text(self, ids, mask):
+        """(B, L) -> (B, embed_dim) L2-normalised ITC embedding."""
+        return self.itc_text(self.embed_text(ids, mask)[:, 0])
+
+    def itm_logits(self, pixels, ids, mask):
+        """(B, 2) match / no-match logits of each (clip, text) pair; index 1 = match."""
+        return self.itm_head(self.pool(*self.fuse(self.embed_text(ids, mask), mask, self.embed_vision(pixels))))
+
+    def vqa_logits(self, pixels, ids, mask):
+        """(B, n_answers) answer logits for (image, question) pairs."""
+        return self.vqa_head(self.pool(*self.fuse(self.embed_text(ids, mask), mask, self.embed_vision(pixels))))
+
+    # -- training ----------------------------------------------------------------------------------
+
+    def forward(self, batch):
+        """batch: pixels (B, T, 3, H, W), text_ids/text_mask/mlm_ids/mlm_labels/scl_ids (B, L); for VQA
+        fine-tuning vqa_targets (B, n_answers) instead of the masked texts. Returns the loss dict."""
+        if "vqa_targets" in batch:
+            loss = vqa_loss(self.vqa_logits(batch["pixels"], batch["text_ids"], batch["text_mask"]),
+                            batch["vqa_targets"])
+            return {"loss": loss, "vqa": loss.detach()}
+        c, pixels, ids, mask = self.config, batch["pixels"], batch["text_ids"], batch["text_mask"]
+        B = ids.shape[0]
+        v = self.embed_vision(pixels)                                            # (B, T, 1+N, H)
+        # one text-encoder call for the full, MLM-masked and SCL-masked texts
+        texts = [ids] + [batch["mlm_ids"]] * bool(c.w_mlm) + [batch["scl_ids"]] * bool(c.w_scl)
+        t, *masked = self.embed_text(torch.cat(texts), mask.repeat(len(texts), 1)).split(B)  # k x (B, L, H)
+        zero = v.new_zeros((), dtype=torch.float32)
+        out = dict(itc=zero, itm=zero, mlm=zero, mvsc=zero, mlsc=zero)
+
+        if c.w_itc or c.w_itm:
+            img, txt = self.itc_vision(self.vision_global(v)), self.itc_text(t[:, 0])  # (B, E) each
+            scale = self.logit_scale.exp()
+            out["itc"] = contrastive(img.float(), txt.float(), scale)
+        if c.w_itm:
+            with torch.no_grad():
+                neg_t, neg_v = sample_hard_negatives(scale * img @ txt.t())     # (B,), (B,)
+            # positives, (image i, its hard negative text), (hard negative image, text j)
+            t3, m3 = torch.cat([t, t[neg_t], t]), torch.cat([mask, mask[neg_t], mask])  # (3B, L, H)
+            v3 = torch.cat([v, v, v[neg_v]])                                         # (3B, T, 1+N, H)
+            labels = torch.cat([torch.ones(B), torch.zeros(2 * B)]).long().to(ids.device)
+            out["itm"] = itm_loss(self.itm_head(self.pool(*self.fuse(t3, m3, v3))), labels)
+        if c.w_mlm:
+            t_mlm, _ = self.fuse(masked[0], mask, v)
+            out["mlm"] = mlm_loss(self.mlm_head(t_mlm), batch["mlm_labels"])
+        if c.w_scl:
+            # each pass gives one loss's prediction and the other's (detached) target
+            t_full, v_part = self.fuse(t, mask, self.embed_vision(pixels, c.image_mask_ratio))  # masked patches
+            t_part, v_full = self.fuse(masked[-1], mask, v)                                  # masked words
+            out["mvsc"] = semantic_completion(self.vision_global(v_part), self.vision_global(v_full),
+                                              c.scl_temperature)
+            out["mlsc"] = semantic_completion(t_part[:, 0], t_full[:, 0], c.scl_temperature)
+        out["loss"] = (c.w_itc * out["itc"] + c.w_itm * out["itm"] + c.w_mlm * out["mlm"]
+                       + c.w_scl * (out["mvsc"] + out["mlsc"]))
+        return out
+
+    # -- pretrained weights --------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, config, text=None, vision=None, verbose=True):
+        """Build a model with a Hugging Face BERT/RoBERTa folder and/or CLIP vision weights loaded.
+
+        The text sizes come from the folder's config.json; the vision sizes must match `config`
+        (a mismatch is an error naming the parameter and both shapes).
+        """
+        if text is not None:
+            config = replace(config, **text_config(text))
+        model = cls(config)
+        if text is not None:
+            path = next((os.path.join(text, f) for f in ("model.safetensors", "pytorch_model.bin")
+                         if os.path.exists(os.path.join(text, f))), None)
+            if path is None:
+                raise FileNotFoundError(f"{text}: no model.safetensors or pytorch_model.bin")
+            state, unused = bert_to_ours(read_weights(path), config.text_layers)
+            load_state(model.text, state, path)
+            if verbose:
+                print(f"text weights from {path}; unused keys: {unused or 'none'}")
+        if vision is not None:
+            state, unused = clip_to_ours(read_weights(vision), config.vision_layers)
+            state["temporal"] = model.vision.temporal.detach().clone()  # not in CLIP: stays zero
+            load_state(model.vision, state, vision)
+            if verbose:
+                print(f"vision weights from {vision}; unused keys: {unused or 'none'}")
+        return model
+
+
+def text_config(folder):
+    """Config fields of the text encoder from a Hugging Face config.json (BERT or RoBERTa)."""
+    path = os.path.join(folder, "config.json")
+    with open(path) as f:
+        hf = json.load(f)
+    kind = hf.get("model_type", "bert")
+    if kind not in ("bert", "roberta"):
+        raise ValueError(f"{path}: model_type {kind!r} is not supported (bert or roberta)")
+    if hf.get("hidden_act", "gelu") != "gelu":
+        raise ValueError(f"{path}: hidden_act {hf['hidden_act']!r} is not supported (gelu)")
+    return dict(vocab_size=hf["vocab_size"], text_width=hf["hidden_size"], text_layers=hf["num_hidden_layers"],
+                text_heads=hf["num_attention_heads"], text_ffn=hf["intermediate_size"],
+                max_positions=hf["max_position_embeddings"], type_vocab_size=hf.get("type_vocab_size", 2),
+                text_kind=kind, pad_token_id=hf.get("pad_token_id", 0) or 0, text_eps=hf.get("layer_norm_eps", 1e-12))
+
+
+# our TextEncoder name -> Hugging Face BertModel/RobertaModel name
+BERT_KEYS = {"word.weight": "embeddings.word_embeddings.weight", "pos.weight": "embeddings.position_embeddings.weight",
+             "token_type.weight": "embeddings.token_type_embeddings.weight", "ln.weight": "embeddings.LayerNorm.weight",
+             "ln.bias": "embeddings.LayerNorm.bias"}
+BERT_LAYER_KEYS = {"attn.q": "attention.self.query", "attn.k": "attention.self.key", "attn.v": "attention.self.value",
+                   "attn.proj": "attention.output.dense", "ln1": "attention.output.LayerNorm",
+                   "mlp.fc1": "intermediate.dense", "mlp.fc2": "output.dense", "ln2": "output.LayerNorm"}
+
+
+def bert_to_ours(sd, layers):
+    """Map a BertModel/RobertaModel state dict (with or without a bert./roberta. prefix; old
+    gamma/beta LayerNorm names accepted) onto TextEncoder. Returns (state, unused source keys)."""
+    sd = {k.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias"): v
+          for k, v in sd.items()}
+    prefix = next((p for p in ("bert.", "roberta.", "") if p + BERT_KEYS["word.weight"] in sd), None)
+    if prefix is None:
+        raise ValueError("unknown text weight format: no embeddings.word_embeddings.weight "
+                         "(with or without a bert./roberta. prefix)")
+    names = dict(BERT_KEYS)
+    for i in range(layers):
+        for ours, theirs in BERT_LAYER_KEYS.items():
+            for part in ("weight", "bias"):
+                names[f"layers.{i}.{ours}.{part}"] = f"encoder.layer.{i}.{theirs}.{part}"
+    missing = [prefix + n for n in names.values() if prefix + n not in sd]
+    if missing:
+        raise ValueError(f"text weights lack {missing[:5]}")
+    used = {prefix + n for n in names.values()}
+    return {ours: sd[prefix + theirs] for ours, theirs in names.items()}, sorted(k for k in sd if k not in used)
