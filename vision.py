@@ -91,16 +91,17 @@ class ViTBlock(nn.Module):
         return x + self.mlp(self.ln2(x))
 
 
-def tube_mask(x, ratio):
+def tube_mask(x, ratio, noise=None):
     """MAE-style random patch drop with the SAME kept patches on every frame of a clip.
 
     x (B, T, 1+N, D) with the CLS token first. Keeps the CLS and round(N * (1 - ratio)) patches
     (at least 1; a fixed count, so shapes stay static), in their original order.
+    noise (B, N): the random scores whose K smallest are kept (default: uniform draws).
     Returns (x_kept (B, T, 1+K, D), keep (B, K) indices into the N patches).
     """
     B, T, L, D = x.shape
     n_keep = max(1, round((L - 1) * (1 - ratio)))
-    noise = torch.rand(B, L - 1, device=x.device)
+    noise = torch.rand(B, L - 1, device=x.device) if noise is None else noise
     keep = noise.argsort(dim=1)[:, :n_keep].sort(dim=1).values                     # (B, K)
     index = (keep + 1)[:, None, :, None].expand(B, T, n_keep, D)                    # (B, T, K, D)
     return torch.cat([x[:, :, :1], x.gather(2, index)], dim=2), keep

@@ -1,0 +1,781 @@
+"""
+Data for SCL: jsonl reading, image/video loading, tokenisation, MLM/SCL text masking,
+a synthetic demo dataset and converters from the standard annotation files (SPEC section 8).
+Stands alone: imports only torch, numpy, pillow, av, tokenizers and the standard library.
+
+    python data.py demo --out demo/
+    python data.py convert karpathy dataset_coco.json --split test --images COCO_ROOT --out coco_test.jsonl
+    python data.py convert msrvtt MSRVTT_JSFUSION_test.csv --videos VIDEOS --out msrvtt_test.jsonl
+    python data.py convert vqa questions.json --annotations annotations.json --images val2014/ --out vqa_val.jsonl
+"""
+import argparse
+import csv
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import sys
+import warnings
+
+import av
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# a 64 Mpx image decodes to ~200 MB: anything larger is a broken or hostile file, not a photo
+Image.MAX_IMAGE_PIXELS = 8192 * 8192
+
+
+class DataError(ValueError):
+    """A bad data file; the message names the file (and the jsonl line where there is one)."""
+
+# -----------------------------------------------------------------------------
+# jsonl
+
+
+def _check_row(row, root):
+    """Validate one parsed jsonl row and add path/kind/captions; raises ValueError(why)."""
+    def need(ok, why):
+        if not ok:
+            raise ValueError(why)
+    need(isinstance(row, dict), "not a JSON object")
+    kinds = [k for k in ("image", "video") if k in row]
+    need(len(kinds) == 1, 'needs exactly one of "image" or "video"')
+    kind, vqa = kinds[0], "question" in row
+    need(isinstance(row[kind], str) and row[kind].strip(), f'"{kind}" must be a non-empty string')
+    if vqa:  # the question is the text; a caption is optional
+        need(isinstance(row["question"], str) and row["question"].strip(), '"question" must be a non-empty string')
+        answers = row.get("answers")
+        need(isinstance(answers, list) and all(isinstance(x, str) for x in answers),
+             '"answers" must be a list of strings')
+    cap = row.get("caption", [] if vqa else None)
+    caps = [cap] if isinstance(cap, str) else cap
+    need(isinstance(caps, list) and (caps or vqa) and all(isinstance(c, str) and c.strip() for c in caps),
+         '"caption" must be a non-empty string or a non-empty list of them')
+    path = os.path.join(root, os.path.expanduser(row[kind]))
+    need(os.path.isfile(path), f"{kind} file not found: {path}")
+    row.update(path=os.path.abspath(path), kind=kind, captions=[c.strip() for c in caps])
+    return row
+
+
+def read_jsonl(path, skip_bad=False, skipped=None):
+    """Read and validate a jsonl of pairs. Relative media paths resolve against its folder."""
+    root = os.path.dirname(os.path.abspath(path))
+    rows = []
+    try:
+        f = open(path, encoding="utf-8")
+    except OSError as e:
+        raise DataError(f"{path}: cannot open ({e.strerror})") from e
+    with f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue  # blank lines (e.g. a trailing newline) are harmless
+            try:
+                row = _check_row(json.loads(line), root)
+            except ValueError as e:  # JSONDecodeError is a ValueError too
+                msg = f"{path}:{line_no}: {e}"
+                if not skip_bad:
+                    raise DataError(msg) from e
+                if skipped is not None:
+                    skipped.append(msg)
+                continue
+            row.update(line=line_no, jsonl=str(path))
+            rows.append(row)
+    if not rows:
+        raise DataError(f"{path}: no valid rows")
+    return rows
+
+
+def write_jsonl(rows, path):
+    """Write rows, one JSON object a line; atomically, so a crash never leaves half a file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+# -----------------------------------------------------------------------------
+# images and videos
+
+
+def _to_rgb(im):
+    """Any PIL mode -> RGB. Transparent pixels are composited on WHITE (logos, clip art)."""
+    if im.mode.startswith("I") or im.mode == "F":  # 16/32-bit ints, floats: scale to 8 bit
+        a = np.asarray(im).astype(np.float32)
+        hi = 65535.0 if im.mode.startswith("I;16") else max(255.0, float(a.max()))
+        a = np.clip(a * (255.0 / hi), 0, 255).astype(np.uint8)
+        return Image.fromarray(a).convert("RGB")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
+        im = im.convert("RGBA")
+        white = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, im).convert("RGB")
+    return im.convert("RGB")
+
+
+def _open_image(path):
+    try:
+        with warnings.catch_warnings():
+            # PIL only warns between 1x and 2x MAX_IMAGE_PIXELS: make that an error too
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im.load()
+                return _to_rgb(im)
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+        raise DataError(f"{path}: image too large ({e})") from e
+    except Exception as e:  # truncated, corrupt, not an image: PIL raises many kinds
+        raise DataError(f"{path}: cannot read image ({type(e).__name__}: {e})") from e
+
+
+def _crop_box(w, h, size, train, rng):
+    """Crop box (x0, y0, x1, y1) in source pixels and a flip flag.
+    train: RandomResizedCrop(scale (0.8, 1), ratio (3/4, 4/3)) as torchvision draws it, + flip p=0.5.
+    eval: None (the caller resizes the shorter side to `size` and centre-crops)."""
+    if not train:
+        return None, False
+    area = w * h
+    for _ in range(10):
+        a = area * rng.uniform(0.8, 1.0)
+        r = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+        cw, ch = round(math.sqrt(a * r)), round(math.sqrt(a / r))
+        if 0 < cw <= w and 0 < ch <= h:
+            x0, y0 = rng.randint(0, w - cw), rng.randint(0, h - ch)
+            break
+    else:  # extreme aspect ratios: the largest centred box with a clamped ratio
+        r = min(max(w / h, 3 / 4), 4 / 3)
+        cw, ch = (w, round(w / r)) if w / h < r else (round(h * r), h)
+        cw, ch = min(cw, w), min(ch, h)
+        x0, y0 = (w - cw) // 2, (h - ch) // 2
+    return (x0, y0, x0 + cw, y0 + ch), rng.random() < 0.5
+
+
+def _transform(im, size, box, flip):
+    """PIL RGB -> (3, size, size) CLIP-normalised float tensor."""
+    if box is None:  # eval: shorter side -> size (bicubic), then centre crop
+        w, h = im.size
+        s = size / min(w, h)
+        nw, nh = (size, int(h * s)) if w <= h else (int(w * s), size)
+        im = im.resize((nw, nh), Image.BICUBIC)
+        x0, y0 = int(round((nw - size) / 2)), int(round((nh - size) / 2))
+        im = im.crop((x0, y0, x0 + size, y0 + size))
+    else:  # crop and resize in one resampling pass
+        im = im.resize((size, size), Image.BICUBIC, box=box)
+    if flip:
+        im = im.transpose(Image.FLIP_LEFT_RIGHT)
+    x = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (3, S, S)
+    mean, std = torch.tensor(CLIP_MEAN).view(3, 1, 1), torch.tensor(CLIP_STD).view(3, 1, 1)
+    return (x - mean) / std
+
+
+def load_image(path, size, train=False, rng=None):
+    """Image file -> ((3, size, size) float, flipped)."""
+    im = _open_image(path)
+    box, flip = _crop_box(*im.size, size, train, rng)
+    return _transform(im, size, box, flip), flip
+
+
+def frame_indices(n, frames, train, rng=None):
+    """Segment sampling: split n frames into `frames` equal segments; train takes one random
+    frame in each, eval the centres. n < frames repeats frames."""
+    seg = n / frames
+    u = [rng.random() if train else 0.5 for _ in range(frames)]
+    return [min(int((k + u[k]) * seg), n - 1) for k in range(frames)]
+
+
+def _count_frames(container, stream):
+    if stream.frames > 0:
+        return stream.frames
+    rate = stream.average_rate or stream.guessed_rate
+    if stream.duration and rate:  # containers without a frame count (webm, some mkv)
+        return int(round(float(stream.duration * stream.time_base * rate)))
+    if container.duration and rate:
+        return int(round(container.duration / av.time_base * float(rate)))
+    # nothing in the headers: count packets (demuxing only, no decoding)
+    n = sum(1 for p in container.demux(stream) if p.size > 0)
+    container.seek(0)
+    return n
+
+
+def _decode(container, stream, targets):
+    """Decode the frames at the sorted frame indices `targets` -> {index: PIL image}.
+    Seek to the keyframe before a target and decode forward; when the next target is near,
+    keep decoding instead (a seek would land on a keyframe we already passed)."""
+    rate = stream.average_rate or stream.guessed_rate or 25
+    tb, start = stream.time_base, stream.start_time or 0
+    out, it, pos, last_key = {}, None, -1, 0
+    for t in targets:
+        if it is None or t <= pos or t - pos > max(8, pos - last_key):
+            container.seek(start + int(t / rate / tb), backward=True, any_frame=False, stream=stream)
+            it = container.decode(stream)
+        for frame in it:
+            if frame.pts is None:
+                continue
+            pos = int(round(float((frame.pts - start) * tb * rate)))
+            last_key = pos if frame.key_frame else last_key
+            if pos >= t:
+                out[t] = frame.to_image()
+                break
+        else:  # EOF before t (the frame count overestimated): reuse the last frame we got
+            it = None
+            if out:
+                out[t] = out[max(out)]
+    return out
+
+
+def load_video(path, size, frames, train=False, rng=None):
+    """Video file -> ((frames, 3, size, size) float, flipped). One crop for the whole clip."""
+    try:
+        with av.open(path) as container:
+            if not container.streams.video:
+                raise DataError(f"{path}: no video stream")
+            stream = container.streams.video[0]
+            n = _count_frames(container, stream)
+            if n <= 0:
+                raise DataError(f"{path}: video has no frames")
+            idx = frame_indices(n, frames, train, rng)
+            got = _decode(container, stream, sorted(set(idx)))
+    except DataError:
+        raise
+    except Exception as e:  # av raises its own errors (InvalidDataError, EOFError, ...) and OSError
+        raise DataError(f"{path}: cannot read video ({type(e).__name__}: {e})") from e
+    if len(got) < len(set(idx)):
+        raise DataError(f"{path}: could not decode frames {sorted(set(idx) - set(got))} of {n}")
+    box, flip = _crop_box(*got[idx[0]].size, size, train, rng)
+    return torch.stack([_transform(got[i], size, box, flip) for i in idx]), flip
+
+# -----------------------------------------------------------------------------
+# tokenizer
+
+
+class Tokenizer:
+    """A tokenizers.Tokenizer with the special ids looked up by name and fixed-length encoding."""
+
+    def __init__(self, tok):
+        tok.no_padding()  # tokenizer.json files often carry their own padding/truncation
+        tok.no_truncation()
+        self.tok = tok
+        vocab = tok.get_vocab()
+
+        def find(*names):
+            for name in names:
+                if name in vocab:
+                    return vocab[name]
+            raise ValueError(f"tokenizer has none of the special tokens {names}")
+        self.pad_id = find("[PAD]", "<pad>")
+        self.cls_id = find("[CLS]", "<s>")
+        self.sep_id = find("[SEP]", "</s>")
+        self.mask_id = find("[MASK]", "<mask>")
+        self.unk_id = find("[UNK]", "<unk>")
+        self.vocab_size = tok.get_vocab_size()
+        added = {i for i, t in tok.get_added_tokens_decoder().items() if t.special}
+        self.special_ids = {self.pad_id, self.cls_id, self.sep_id, self.mask_id, self.unk_id} | added
+
+    @classmethod
+    def from_pretrained(cls, folder):
+        """tokenizer.json if present, else a lowercase BERT WordPiece vocab.txt."""
+        if os.path.isfile(os.path.join(folder, "tokenizer.json")):
+            return cls(HFTokenizer.from_file(os.path.join(folder, "tokenizer.json")))
+        tok = HFTokenizer(models.WordPiece.from_file(os.path.join(folder, "vocab.txt"), unk_token="[UNK]"))
+        return cls(_bert_pipeline(tok))
+
+    @classmethod
+    def train(cls, captions, vocab_size=4096):
+        """A WordPiece vocabulary fitted on `captions`: every character (so any word encodes)
+        plus the most frequent whole words. Built by hand because tokenizers' WordPieceTrainer
+        breaks count ties in hash order and gives a different vocabulary on every run."""
+        specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+        norm, pre = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+        counts = {}
+        for text in captions:
+            for word, _ in pre.pre_tokenize_str(norm.normalize_str(text)):
+                counts[word] = counts.get(word, 0) + 1
+        chars = sorted({c for w in counts for c in w})
+        vocab = specials + chars + ["##" + c for c in chars]
+        words = sorted((w for w in counts if len(w) > 1), key=lambda w: (-counts[w], w))
+        vocab += words[:max(0, vocab_size - len(vocab))]
+        tok = HFTokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]"))
+        return cls(_bert_pipeline(tok))
+
+    def save(self, folder):
+        os.makedirs(folder, exist_ok=True)
+        self.tok.save(os.path.join(folder, "tokenizer.json"))
+
+    def to_str(self):
+        """The tokenizer.json text: checkpoints carry it, so a run needs no other file."""
+        return self.tok.to_str()
+
+    @classmethod
+    def from_str(cls, text):
+        return cls(HFTokenizer.from_str(text))
+
+    def encode(self, texts, max_len):
+        """list of str -> ids (B, max_len) long, mask (B, max_len) bool: [CLS] ... [SEP] pad."""
+        ids = torch.full((len(texts), max_len), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(texts), max_len), dtype=torch.bool)
+        # one text at a time: encode_batch uses a thread pool that breaks after DataLoader forks
+        for b, text in enumerate(texts):
+            body = self.tok.encode(text, add_special_tokens=False).ids[:max_len - 2]
+            ids[b, :len(body) + 2] = torch.tensor([self.cls_id] + body + [self.sep_id])
+            mask[b, :len(body) + 2] = True
+        return ids, mask
+
+
+def _bert_pipeline(tok):
+    """BERT normaliser (lowercase), pre-tokenizer, [CLS] x [SEP] post-processor, decoder."""
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
+    tok.decoder = decoders.WordPiece()
+    return tok
+
+# -----------------------------------------------------------------------------
+# dataset and collator
+
+
+def item_seed(seed, epoch, i):
+    """A stable 63-bit seed for item i (same on every worker, rank and resume; not Python's hash)."""
+    digest = hashlib.blake2b(f"{seed}/{epoch}/{i}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def swap_left_right(text):
+    """'left' <-> 'right' as whole words, keeping case: a flipped picture mirrors them."""
+    def swap(m):
+        w = m.group(0)
+        new = "right" if w.lower() == "left" else "left"
+        return new.upper() if w.isupper() else new.capitalize() if w[0].isupper() else new
+    return re.sub(r"\b(left|right)\b", swap, text, flags=re.IGNORECASE)
+
+
+class PairDataset(torch.utils.data.Dataset):
+    """Rows from read_jsonl -> clips (T, 3, S, S) + text. group=False: one item per (row, caption);
+    group=True: one item per row with all its captions. VQA rows: one item per row."""
+
+    def __init__(self, rows, image_size=224, frames=4, train=True, seed=0, skip_bad=False, group=False):
+        self.rows, self.size, self.frames = rows, image_size, frames
+        self.train, self.seed, self.skip_bad, self.group = train, seed, skip_bad, group
+        self.epoch = 0
+        self.items = []  # (row index, caption index or None)
+        for r, row in enumerate(rows):
+            if group or "question" in row:
+                self.items.append((r, None))
+            else:
+                self.items.extend((r, c) for c in range(len(row["captions"])))
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        r, c = self.items[i]
+        row = self.rows[r]
+        seed = item_seed(self.seed, self.epoch, i)
+        rng = random.Random(seed)
+        try:
+            if row["kind"] == "image":
+                pixels, flipped = load_image(row["path"], self.size, self.train, rng)
+                pixels = pixels[None]  # (1, 3, S, S): an image is a one-frame clip
+            else:
+                pixels, flipped = load_video(row["path"], self.size, self.frames, self.train, rng)
+        except DataError as e:
+            where = f"{row.get('jsonl', '?')}:{row.get('line', r + 1)}: {e}"
+            if self.skip_bad:  # the collator drops it and reports `where`
+                return {"bad": where}
+            raise DataError(where) from e
+        fix = swap_left_right if flipped else (lambda s: s)
+        item = dict(pixels=pixels, index=i, seed=seed)
+        if "question" in row:
+            item.update(caption=fix(row["question"]), question=fix(row["question"]),
+                        answers=[fix(a) for a in row["answers"]])
+            if "question_id" in row:
+                item["question_id"] = row["question_id"]
+        elif c is None:
+            item["captions"] = [fix(s) for s in row["captions"]]
+        else:
+            item["caption"] = fix(row["captions"][c])
+        return item
+
+
+class Collator:
+    """Samples -> batch with the text and its MLM (SPEC 6.3) and SCL (6.5) masked versions.
+    Every random draw for a sample comes from a generator seeded by its own "seed", so masks
+    do not depend on which samples share the batch or how many workers there are."""
+
+    def __init__(self, tokenizer, max_len=40, mlm_prob=0.15, scl_ratio=0.4):
+        self.tok, self.max_len, self.mlm_prob, self.scl_ratio = tokenizer, max_len, mlm_prob, scl_ratio
+        self.special = torch.tensor(sorted(tokenizer.special_ids))
+        normal = torch.ones(tokenizer.vocab_size, dtype=torch.bool)
+        normal[self.special] = False
+        self.normal_ids = normal.nonzero().squeeze(1)  # random replacements never draw a special token
+
+    def __call__(self, samples):
+        kept = [s for s in samples if "bad" not in s]
+        skipped = [s["bad"] for s in samples if "bad" in s]  # where and why, for the run's report
+        if not kept:
+            return {"skipped": skipped}  # nothing survived: the caller skips this step
+        if len({s["pixels"].shape for s in kept}) > 1:
+            raise ValueError("samples in one batch must have the same (T, 3, S, S); keep images and videos apart")
+        texts = [s["caption"] if "caption" in s else s["captions"][0] for s in kept]
+        ids, mask = self.tok.encode(texts, self.max_len)  # (B, L)
+        mlm_ids, scl_ids = ids.clone(), ids.clone()
+        labels = torch.full_like(ids, -100)
+        L = self.max_len
+        for b, s in enumerate(kept):
+            g = torch.Generator().manual_seed(s["seed"])
+            pos = (mask[b] & ~torch.isin(ids[b], self.special)).nonzero().squeeze(1)  # (n,) candidates
+            n = len(pos)
+            # MLM: fixed-size draws over all L slots so the stream never depends on n
+            u, v = torch.rand(L, generator=g), torch.rand(L, generator=g)
+            rand_tok = self.normal_ids[torch.randint(len(self.normal_ids), (L,), generator=g)]
+            sel = torch.zeros(L, dtype=torch.bool)
+            sel[pos] = u[pos] < self.mlm_prob
+            if n and not sel.any():  # at least one target so the MLM loss is defined
+                sel[pos[torch.randint(n, (1,), generator=g)]] = True
+            labels[b, sel] = ids[b, sel]
+            mlm_ids[b] = torch.where(sel & (v < 0.8), self.tok.mask_id,
+                                     torch.where(sel & (v >= 0.8) & (v < 0.9), rand_tok, ids[b]))
+            # SCL: round(ratio * n) of the n words (at least one), without replacement
+            k = max(1, round(self.scl_ratio * n)) if n else 0
+            scl_ids[b, pos[torch.randperm(n, generator=g)[:k]]] = self.tok.mask_id
+        batch = dict(pixels=torch.stack([s["pixels"] for s in kept]),  # (B, T, 3, S, S)
+                     text_ids=ids, text_mask=mask, mlm_ids=mlm_ids, mlm_labels=labels, scl_ids=scl_ids,
+                     index=torch.tensor([s["index"] for s in kept]), skipped=skipped)
+        if "captions" in kept[0]:
+            batch["captions"] = [s["captions"] for s in kept]
+        if "question" in kept[0]:
+            batch["answers"] = [s["answers"] for s in kept]
+            if "question_id" in kept[0]:
+                batch["question_id"] = [s["question_id"] for s in kept]
+        return batch
+
+# -----------------------------------------------------------------------------
+# demo dataset: coloured shapes whose captions need colour, shape, size and relation
+
+COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
+          "yellow": (230, 200, 30), "purple": (140, 60, 190), "orange": (240, 130, 30)}
+SHAPES = ("circle", "square", "triangle", "cross")
+SIZES = {"small": 7, "large": 13}  # half-width in pixels on the canvas
+CANVAS = 64  # even, as libx264 requires
+CONVERSE = {"to the left of": "to the right of", "to the right of": "to the left of",
+            "above": "below", "below": "above"}
+PLACES = ("on the left", "on the right", "at the top", "at the bottom")
+MOTIONS = {"left": "to the left", "right": "to the right", "up": "up", "down": "down"}
+
+
+def _phrase(o):
+    return f"a {o['size']} {o['color']} {o['shape']}"
+
+
+def _draw(draw, o, cx, cy):
+    """Draw object o centred at (cx, cy); returns its box [x0, y0, x1, y1] (inclusive pixels)."""
+    r, c = SIZES[o["size"]], COLORS[o["color"]]
+    if o["shape"] == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=c)
+    elif o["shape"] == "square":
+        draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=c)
+    elif o["shape"] == "triangle":
+        draw.polygon([(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)], fill=c)
+    else:  # cross
+        t = max(2, r // 3)
+        draw.rectangle([cx - r, cy - t, cx + r, cy + t], fill=c)
+        draw.rectangle([cx - t, cy - r, cx + t, cy + r], fill=c)
+    return [cx - r, cy - r, cx + r, cy + r]
+
+
+def _background(nrng):
+    """Light plain colour with a little noise, (CANVAS, CANVAS, 3) uint8."""
+    base = nrng.integers(190, 240, size=3)
+    return np.clip(base + nrng.normal(0, 5, size=(CANVAS, CANVAS, 1)), 0, 255).astype(np.uint8)
+
+
+def _centres(rng, objs, where):
+    """Centres that make `where` true beyond doubt: along its axis each object lies in its own
+    half of the canvas; across it both sit near one line, so "left of" never reads as "above"."""
+    mid, rs = CANVAS // 2, [SIZES[o["size"]] for o in objs]
+
+    def half(r, first):
+        return rng.randint(1 + r, mid - 1 - r) if first else rng.randint(mid + r, CANVAS - 2 - r)
+    line = rng.randint(max(rs) + 5, CANVAS - max(rs) - 6)
+    if len(objs) == 1:
+        along = half(rs[0], where in ("on the left", "at the top"))
+        return [(along, line) if where in ("on the left", "on the right") else (line, along)]
+    first = where in ("to the left of", "above")
+    xy = [(half(r, first == (k == 0)), line + rng.randint(-4, 4)) for k, r in enumerate(rs)]
+    return xy if where in ("to the left of", "to the right of") else [(y, x) for x, y in xy]
+
+
+def _random_object(rng):
+    return dict(color=rng.choice(list(COLORS)), shape=rng.choice(SHAPES), size=rng.choice(list(SIZES)))
+
+
+def _random_scene(rng):
+    """One object and a place (20%) or two different objects and a relation."""
+    objs = [_random_object(rng)]
+    if rng.random() < 0.2:
+        return objs, rng.choice(PLACES)
+    while True:
+        o = _random_object(rng)
+        if o != objs[0]:
+            return objs + [o], rng.choice(list(CONVERSE))
+
+
+def _variant(rng, objs, where):
+    """The scene with exactly one thing changed (colour, shape, size or relation): a hard
+    negative, so that retrieval cannot succeed on any single attribute."""
+    objs = [dict(o) for o in objs]
+    what = rng.choice(["color", "shape", "size", "where"])
+    if what == "where":
+        options = [p for p in PLACES if p != where] if len(objs) == 1 else [CONVERSE[where]]
+        return objs, rng.choice(options)
+    o = rng.choice(objs)
+    pool = {"color": list(COLORS), "shape": list(SHAPES), "size": list(SIZES)}[what]
+    o[what] = rng.choice([v for v in pool if v != o[what]])
+    return objs, where
+
+
+def _captions(objs, where):
+    if len(objs) == 1:
+        return [f"{_phrase(objs[0])} {where}", f"there is {_phrase(objs[0])} {where}"]
+    a, b = objs
+    return [f"{_phrase(a)} {where} {_phrase(b)}", f"{_phrase(b)} {CONVERSE[where]} {_phrase(a)}"]
+
+
+def _questions(rng, objs):
+    """VQA pairs (question, answer, answer family) about colour, shape, size, count, presence."""
+    qs = [("how many shapes are there?", str(len(objs)), ["1", "2", "3"])]
+    for o in objs:
+        if sum(p["shape"] == o["shape"] for p in objs) == 1:
+            qs.append((f"what color is the {o['shape']}?", o["color"], list(COLORS)))
+        if sum(p["color"] == o["color"] for p in objs) == 1:
+            qs.append((f"what shape is the {o['color']} object?", o["shape"], list(SHAPES)))
+            qs.append((f"is the {o['color']} {o['shape']} small or large?", o["size"], list(SIZES)))
+    o = dict(color=rng.choice(list(COLORS)), shape=rng.choice(SHAPES))
+    present = any(p["color"] == o["color"] and p["shape"] == o["shape"] for p in objs)
+    qs.append((f"is there a {o['color']} {o['shape']}?", "yes" if present else "no", ["yes", "no"]))
+    return rng.sample(qs, 2)
+
+
+def _answers(rng, answer, family):
+    """Ten annotators; up to two disagree, so the majority is always right."""
+    out = [answer] * 10
+    for k in rng.sample(range(10), rng.randint(0, 2)):
+        out[k] = rng.choice([a for a in family if a != answer])
+    return out
+
+
+def write_video(path, frames, fps=8, gop=4):
+    """uint8 frames (N, H, W, 3), even H and W -> H.264 mp4; small GOP so seeking is cheap."""
+    with av.open(path, "w") as c:
+        s = c.add_stream("libx264", rate=fps)
+        s.width, s.height, s.pix_fmt, s.gop_size = frames.shape[2], frames.shape[1], "yuv420p", gop
+        s.options = {"crf": "18"}
+        for f in frames:
+            for p in s.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+
+
+def _clip(rng, nrng, o, motion, T=16):
+    """Frames (T, CANVAS, CANVAS, 3) of object o crossing the canvas; and its first-frame box."""
+    r = SIZES[o["size"]]
+    a, b = CANVAS - 2 - r, 1 + r  # left/up: from the high side to the low side
+    if motion in ("right", "down"):
+        a, b = b, a
+    other, bg, frames, boxes = rng.randint(r + 5, CANVAS - r - 6), _background(nrng), [], []
+    for t in range(T):
+        p = round(a + (b - a) * t / (T - 1))
+        im = Image.fromarray(bg.copy())
+        boxes.append(_draw(ImageDraw.Draw(im), o, *((p, other) if motion in ("left", "right") else (other, p))))
+        frames.append(np.asarray(im))
+    return np.stack(frames), boxes[0]
+
+
+def make_demo(out_dir, n_train=400, n_val=100, n_videos=60, seed=0):
+    """Write the demo dataset (deterministic in seed) and return {name: jsonl path}.
+    Images: n_train + n_val; videos: n_videos split 80/20; VQA: two questions per image.
+    Kept as is when a finished one with the same settings is already there."""
+    names = ["images_train", "images_val", "videos_train", "videos_val", "vqa_train", "vqa_val"]
+    paths = {k: os.path.join(out_dir, k + ".jsonl") for k in names}
+    settings = dict(n_train=n_train, n_val=n_val, n_videos=n_videos, seed=seed, canvas=CANVAS)
+    done = os.path.join(out_dir, "demo.json")  # written last: its presence means complete
+    if os.path.isfile(done) and all(map(os.path.isfile, paths.values())):
+        with open(done) as f:
+            if json.load(f) == settings:
+                return paths
+    for sub in ("images", "videos"):
+        os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
+    rng, nrng = random.Random(seed), np.random.default_rng(seed)
+    seen, qid = set(), 0
+
+    def fresh(make, key=lambda scene: min(_captions(*scene))):  # a caption no earlier item has
+        for _ in range(100):
+            scene = make()
+            if key(scene) not in seen:
+                break
+        seen.add(key(scene))
+        return scene
+
+    for split, n in (("train", n_train), ("val", n_val)):
+        rows, vqa = [], []
+        for i in range(n):
+            if i % 2 == 0:
+                objs, where = fresh(lambda: _random_scene(rng))
+            else:  # the previous scene with one thing changed: its hard negative
+                objs, where = fresh(lambda: _variant(rng, objs, where))
+            im = Image.fromarray(_background(nrng))
+            draw = ImageDraw.Draw(im)
+            boxes = [_draw(draw, o, cx, cy) for o, (cx, cy) in zip(objs, _centres(rng, objs, where))]
+            rel = f"images/{split}_{i:05d}.jpg"
+            im.save(os.path.join(out_dir, rel), quality=95)
+            rows.append(dict(image=rel, caption=_captions(objs, where), objects=objs, boxes=boxes, where=where))
+            for q, a, family in _questions(rng, objs):
+                vqa.append(dict(image=rel, question=q, answers=_answers(rng, a, family), question_id=qid))
+                qid += 1
+        write_jsonl(rows, paths[f"images_{split}"])
+        write_jsonl(vqa, paths[f"vqa_{split}"])
+    n_val_videos = max(1, n_videos // 5) if n_videos > 1 else 0
+    for split, n in (("train", n_videos - n_val_videos), ("val", n_val_videos)):
+        rows = []
+        for i in range(n):
+            o, motion = fresh(lambda: (_random_object(rng), rng.choice(list(MOTIONS))),
+                              key=lambda scene: f"{_phrase(scene[0])} moving {scene[1]}")
+            frames, box = _clip(rng, nrng, o, motion)
+            rel = f"videos/{split}_{i:05d}.mp4"
+            write_video(os.path.join(out_dir, rel), frames)
+            caps = [f"{_phrase(o)} moving {motion}", f"the {o['color']} {o['shape']} moves {MOTIONS[motion]}"]
+            rows.append(dict(video=rel, caption=caps, objects=[o], boxes=[box], motion=motion))
+        write_jsonl(rows, paths[f"videos_{split}"])
+    with open(done, "w") as f:
+        json.dump(settings, f)
+    return paths
+
+# -----------------------------------------------------------------------------
+# converters from the standard annotation files
+
+
+def _warn_missing(rows, key):
+    missing = sum(not os.path.isfile(r[key]) for r in rows)
+    if missing:
+        warnings.warn(f"{missing} of {len(rows)} {key} files do not exist (yet); read_jsonl will reject them")
+
+
+def convert_karpathy(json_path, split, images_root):
+    """Karpathy split json (COCO or Flickr30K dataset_*.json) -> rows with grouped captions.
+    train takes restval too; val/test keep the first 5 captions (the standard protocol)."""
+    with open(json_path) as f:
+        data = json.load(f)
+    want = ("train", "restval") if split == "train" else (split,)
+    rows = []
+    for im in data["images"]:
+        if im["split"] not in want:
+            continue
+        caps = [s["raw"].strip() for s in im["sentences"] if s["raw"].strip()]
+        caps = caps if split == "train" else caps[:5]
+        path = os.path.join(images_root, im.get("filepath", ""), im["filename"])
+        rows.append(dict(image=os.path.abspath(path), caption=caps, id=im.get("cocoid", im.get("imgid"))))
+    _warn_missing(rows, "image")
+    return rows
+
+
+def convert_msrvtt(split_file, videos_root, data_json=None):
+    """MSRVTT 1k-A. split_file is either the JSFusion test csv (key,vid_key,video_id,sentence:
+    one caption per video) or a list of training ids (train_list_jsfusion.txt, one id a line,
+    or a csv with a video_id column) whose captions come from MSRVTT_data.json."""
+    with open(split_file, newline="") as f:
+        if split_file.endswith(".csv"):
+            table = list(csv.DictReader(f))
+        else:
+            table = [{"video_id": line.strip()} for line in f if line.strip()]
+
+    def video(vid):
+        return os.path.abspath(os.path.join(videos_root, vid + ".mp4"))
+    if table and "sentence" in table[0]:
+        rows = [dict(video=video(t["video_id"]), caption=t["sentence"].strip(), id=t["video_id"]) for t in table]
+    else:
+        if data_json is None:
+            raise ValueError("a list of training videos needs --data-json (MSRVTT_data.json) for the captions")
+        with open(data_json) as f:
+            sentences = json.load(f)["sentences"]
+        caps = {}
+        for s in sentences:
+            caps.setdefault(s["video_id"], []).append(s["caption"].strip())
+        rows = [dict(video=video(t["video_id"]), caption=caps[t["video_id"]], id=t["video_id"])
+                for t in table if caps.get(t["video_id"])]
+        if len(rows) < len(table):
+            warnings.warn(f"{len(table) - len(rows)} videos have no captions in {data_json}; left out")
+    _warn_missing(rows, "video")
+    return rows
+
+
+def convert_vqa(questions_json, images_root, annotations_json=None, subtype=None):
+    """VQA v2 questions (+ annotations) -> rows {image, question, question_id, image_id, answers}.
+    images_root holds the COCO files themselves (e.g. coco/val2014). Without annotations
+    (test-dev) answers are []."""
+    with open(questions_json) as f:
+        qdata = json.load(f)
+    sub = subtype or qdata.get("data_subtype")
+    if not sub:
+        raise ValueError(f"{questions_json}: no data_subtype; pass subtype (e.g. val2014)")
+    img_sub = "test2015" if sub.startswith("test") else sub  # test-dev2015 asks about test2015 images
+    answers = {}
+    if annotations_json:
+        with open(annotations_json) as f:
+            for a in json.load(f)["annotations"]:
+                answers[a["question_id"]] = [x["answer"] for x in a["answers"]]
+    rows = []
+    for q in qdata["questions"]:
+        path = os.path.join(images_root, f"COCO_{img_sub}_{q['image_id']:012d}.jpg")
+        rows.append(dict(image=os.path.abspath(path), question=q["question"], question_id=q["question_id"],
+                         image_id=q["image_id"], answers=answers.get(q["question_id"], [])))
+    _warn_missing(rows, "image")
+    return rows
+
+# -----------------------------------------------------------------------------
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="SCL data: demo dataset and converters to jsonl")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("demo", help="write the synthetic shapes dataset")
+    d.add_argument("--out", default="demo", help="output folder")
+    d.add_argument("--n-train", type=int, default=400, help="training images")
+    d.add_argument("--n-val", type=int, default=100, help="validation images")
+    d.add_argument("--n-videos", type=int, default=60, help="videos in all (80/20 train/val)")
+    d.add_argument("--seed", type=int, default=0, help="random seed")
+    c = sub.add_parser("convert", help="convert standard annotations to jsonl")
+    c.add_argument("format", choices=["karpathy", "msrvtt", "vqa"], help="annotation format")
+    c.add_argument("input", help="karpathy: dataset_*.json; msrvtt: test csv or train id list; vqa: questions")
+    c.add_argument("--out", required=True, help="output jsonl")
+    c.add_argument("--split", default="test", help="karpathy: train (with restval), val or test")
+    c.add_argument("--images", default=".", help="karpathy: root of filepath/filename; vqa: COCO image folder")
+    c.add_argument("--videos", default=".", help="msrvtt: folder of <video_id>.mp4")
+    c.add_argument("--data-json", help="msrvtt training list: MSRVTT_data.json with the captions")
+    c.add_argument("--annotations", help="vqa: annotations json (leave out for test-dev)")
+    c.add_argument("--subtype", help="vqa: image subtype (default: the questions' data_subtype)")
+    a = p.parse_args(argv)
+    if a.cmd == "demo":
+        for name, path in make_demo(a.out, a.n_train, a.n_val, a.n_videos, a.seed).items():
+            print(f"{name}: {path}")
+        return
+    rows = (convert_karpathy(a.input, a.split, a.images) if a.format == "karpathy" else
+            convert_msrvtt(a.input, a.videos, a.data_json) if a.format == "msrvtt" else
+            convert_vqa(a.input, a.images, a.annotations, a.subtype))
+    write_jsonl(rows, a.out)
+    print(f"wrote {len(rows)} rows to {a.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
