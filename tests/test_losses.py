@@ -13,6 +13,15 @@ from losses import (contrastive, info_nce, itm_loss, mlm_loss, sample_hard_negat
                     semantic_completion, vqa_loss)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The CPUs are shared: these tiny tensors run faster on one thread than on two fighting others."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def unit_rows(n, d, gen, dtype=torch.float64):
     x = torch.randn(n, d, generator=gen, dtype=dtype)
     return x / x.norm(dim=1, keepdim=True)
@@ -162,7 +171,7 @@ def test_hard_negatives_never_the_positive(B):
     g = torch.Generator().manual_seed(8)
     # a strongly diagonal similarity: the positive would win almost every draw if it were allowed
     sim = torch.randn(B, B, generator=g) + 30 * torch.eye(B)
-    for seed in range(300):
+    for seed in range(200):
         torch.manual_seed(seed)
         neg_t, neg_v = sample_hard_negatives(sim)
         assert neg_t.shape == (B,) and neg_v.shape == (B,)

@@ -156,7 +156,7 @@ def test_flexible_attention_equals_block_masked_full_attention(T):
     flat = x.view(B, T * (1 + N), D)
     expect = naive_attention(att, flat, allowed=clip_block_mask(T, 1 + N)[None]).view(B * T, 1 + N, D)
     torch.testing.assert_close(got, expect, rtol=0, atol=1e-10)
-    # patch rows differ from what a CLS-only-over-frame model gives only through CLS: sanity of the mask
+    # against per-frame attention: the patch rows agree, the CLS rows (which see the whole clip) do not
     per_frame = naive_attention(att, x)
     torch.testing.assert_close(got[:, 1:], per_frame[:, 1:], rtol=0, atol=1e-10)
     assert (got[:, 0] - per_frame[:, 0]).abs().max() > 1e-3
@@ -553,7 +553,9 @@ def test_mvsc_prediction_is_full_image_global_without_masking(monkeypatch):
     cfg = dataclasses.replace(SCL_ONLY, image_mask_ratio=0.0)
     torch.manual_seed(15)
     model = SCLModel(cfg).eval()
-    batch = make_batch(3, seed=5)
+    with torch.no_grad():  # as after training; at init (zero table) every frame-CLS of a clip is identical
+        model.vision.temporal.normal_(std=0.5)
+    batch = make_batch(3, T=2, size=48, seed=5)                       # a 2-frame video: global = mean of CLS
     batch["scl_ids"] = batch["text_ids"].clone()                     # text unmasked too
     calls = []
     real = model_module.semantic_completion
@@ -581,6 +583,8 @@ def test_public_api_shapes():
     cfg = dataclasses.replace(TINY, n_answers=7)
     torch.manual_seed(16)
     model = SCLModel(cfg).eval()
+    with torch.no_grad():  # as after training; at init (zero table) every frame-CLS of a clip is identical
+        model.vision.temporal.normal_(std=0.5)
     batch = make_batch(3, seed=6)
     px, ids, mask = batch["pixels"], batch["text_ids"], batch["text_mask"]
     video = torch.randn(3, 4, 3, 48, 48)
@@ -589,6 +593,9 @@ def test_public_api_shapes():
             e = model.encode_image(pixels)
             assert e.shape == (3, cfg.embed_dim)
             torch.testing.assert_close(e.norm(dim=-1), torch.ones(3))
+            # a clip's global feature is the mean of its frame-CLS tokens
+            frame_cls = model.embed_vision(pixels)[:, :, 0]                     # (B, T, H)
+            torch.testing.assert_close(e, model.itc_vision(frame_cls.mean(dim=1)), rtol=0, atol=1e-6)
         t = model.encode_text(ids, mask)
         assert t.shape == (3, cfg.embed_dim)
         torch.testing.assert_close(t.norm(dim=-1), torch.ones(3))
