@@ -39,12 +39,12 @@ class TrainConfig:
     init: str = ""                # start from this checkpoint's weights (fine-tuning)
     task: str = "pretrain"        # pretrain | retrieval (ITC + ITM) | vqa
     resume: bool = False          # continue exactly from <out>/last.pt
-    steps: int = 600              # optimiser steps
+    steps: int = 200              # optimiser steps
     batch_size: int = 32          # per rank and micro-step
     video_batch_size: int = 0     # 0: same as batch_size
     video_ratio: float = 0.5      # fraction of micro-steps that take a video batch when both are given
     grad_accum: int = 1           # micro-steps per optimiser step
-    lr: float = 1e-4              # encoders' learning rate (paper: 2e-5 from pretrained weights)
+    lr: float = 5e-4              # encoders' learning rate (demo from scratch; paper: 2e-5 from pretrained weights)
     head_lr_mult: float = 5.0     # fusion and heads get lr x this (paper: 5)
     weight_decay: float = 0.01
     warmup: float = 0.1           # fraction of steps of linear warm-up, then linear decay to 0
