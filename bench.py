@@ -101,23 +101,27 @@ def cmd_parity(args):
     with torch.no_grad():
         ref = {k: v.item() for k, v in cpu_model(batch).items()}
     print(f"CPU fp32 forward: {time.perf_counter() - t0:.1f} s")
-    dev = torch.device("cuda")
+    dev = torch.device(args.device)
+    cuda = dev.type == "cuda"
     gpu_model = SCLModel(config).to(dev)
     gpu_model.load_state_dict(cpu_model.state_dict())
     gbatch = {k: v.to(dev) for k, v in batch.items()}
+    paths = [(f"{dev.type} fp32", gpu_model, False), (f"{dev.type} bf16", gpu_model, cuda),
+             (f"{dev.type} bf16 compiled", torch.compile(gpu_model), cuda)]
     rows = []
-    for name, m, amp in (("cuda fp32", gpu_model, False), ("cuda bf16", gpu_model, True),
-                         ("cuda bf16 compiled", torch.compile(gpu_model), True)):
-        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+    for name, m, amp in paths:  # all losses first: the timed steps below change the weights
+        with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
             out = {k: v.item() for k, v in m(gbatch).items()}
-        err = max(abs(out[k] - ref[k]) / max(abs(ref[k]), 1e-6) for k in ref)
-        opt = torch.optim.AdamW(gpu_model.parameters(), lr=1e-6, fused=True)
-        torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
-        sec, peak = time_step(m, gbatch, opt, args.repeats, cuda=True, autocast=amp)
-        rows.append((name, err, sec, args.batch / sec, peak, time.perf_counter() - t0))
+        rows.append([name, max(abs(out[k] - ref[k]) / max(abs(ref[k]), 1e-6) for k in ref)])
         print(f"{name}: losses " + " ".join(f"{k}={out[k]:.4f}(cpu {ref[k]:.4f})" for k in ref))
-    print(f"\n{torch.cuda.get_device_name()} | {args.config}, batch {args.batch}, {size} px, 40 tokens")
+    opt = torch.optim.AdamW(gpu_model.parameters(), lr=1e-6, fused=True)
+    for row, (name, m, amp) in zip(rows, paths):
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        sec, peak = time_step(m, gbatch, opt, args.repeats, cuda=cuda, autocast=amp)
+        row += [sec, args.batch / sec, peak, time.perf_counter() - t0]
+    print(f"\n{torch.cuda.get_device_name() if cuda else 'CPU'} | {args.config}, batch {args.batch}, {size} px, 40 tokens")
     print(f"{'path':<20}{'max rel err vs CPU fp32':>24}{'step s':>9}{'samples/s':>11}{'peak GiB':>10}{'wall s':>8}")
     for name, err, sec, sps, peak, wall in rows:
         print(f"{name:<20}{err:>24.2e}{sec:>9.3f}{sps:>11.1f}{peak:>10.1f}{wall:>8.0f}")
@@ -134,7 +138,9 @@ def cmd_train(args):
                 "--batch-size", str(args.batch), "--steps", str(args.steps), "--log-every", str(args.steps // 4),
                 "--eval-every", "0", "--save-every", str(10 ** 9), "--workers", str(args.workers),
                 "--out", f"runs/bench_{'compiled' if compiled else 'eager'}", "--lr", "2e-5"]
-        torch.cuda.reset_peak_memory_stats()
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         train.main(argv + (["--compile"] if compiled else []))
         wall = time.perf_counter() - t0
@@ -142,7 +148,7 @@ def cmd_train(args):
         entries = [json.loads(l) for l in open(f"runs/bench_{'compiled' if compiled else 'eager'}/metrics.jsonl")]
         sps = [e["samples_per_s"] for e in entries if "samples_per_s" in e]
         print(f"RESULT {'compiled' if compiled else 'eager'}: samples/s per log interval {[round(s, 1) for s in sps]}, "
-              f"peak {torch.cuda.max_memory_allocated() / 2 ** 30:.1f} GiB, wall {wall:.0f} s")
+              f"peak {torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else float('nan'):.1f} GiB, wall {wall:.0f} s")
 
 
 if __name__ == "__main__":
@@ -155,6 +161,7 @@ if __name__ == "__main__":
     p.add_argument("--repeats", type=int, default=6, help="timed repeats (the first is dropped as warm-up)")
     p.add_argument("--steps", type=int, default=100, help="training steps (train)")
     p.add_argument("--workers", type=int, default=8, help="data loader workers (train)")
+    p.add_argument("--device", default="cuda", help="device compared with CPU fp32 (parity)")
     a = p.parse_args()
     if a.what in ("parity", "train") and not a.size:
         a.size = 224

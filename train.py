@@ -46,31 +46,32 @@ class TrainConfig:
     grad_accum: int = 1           # micro-steps per optimiser step
     lr: float = 5e-4              # encoders' learning rate (demo from scratch; paper: 2e-5 from pretrained weights)
     head_lr_mult: float = 5.0     # fusion and heads get lr x this (paper: 5)
-    weight_decay: float = 0.01
+    weight_decay: float = 0.01    # AdamW weight decay (none on biases, norms, embeddings, temperature)
     warmup: float = 0.1           # fraction of steps of linear warm-up, then linear decay to 0
-    beta2: float = 0.98
+    beta2: float = 0.98           # AdamW beta2 (beta1 is 0.9)
     clip_grad: float = 1.0        # max gradient norm; 0 disables
     w_itc: float = -1.0           # ITC loss weight; -1 keeps the model config's (0.5); 0 skips its passes
     w_itm: float = -1.0           # ITM loss weight; -1 keeps the model config's (1)
     w_mlm: float = -1.0           # MLM loss weight; -1 keeps the model config's (1)
     w_scl: float = -1.0           # SCL (MVSC + MLSC) loss weight; -1 keeps the model config's (1)
+    image_mask_ratio: float = -1.0  # MVSC patch drop ratio; -1 keeps the model config's (0.8)
     image_size: int = 0           # training/eval image size; 0: the model's pretraining grid (paper: 288)
     video_size: int = 0           # 0: image_size (paper: 224)
     frames: int = 4               # frames per video clip
-    max_text_len: int = 40
+    max_text_len: int = 40        # text length in tokens, [CLS] and [SEP] included
     vocab_size: int = 4096        # WordPiece vocabulary trained on the captions when --text is not given
     min_answer_count: int = 9     # VQA answer vocabulary: answers seen at least this often
     workers: int = 2              # DataLoader workers per rank
-    seed: int = 0
+    seed: int = 0                 # seeds the model's initialisation, data order and augmentation
     eval_every: int = 200         # validation every N steps (0: only before and after)
     val_k: int = 0                # ITM re-ranking depth in validation (0: ITC only)
-    save_every: int = 200
-    log_every: int = 10
+    save_every: int = 200         # write <out>/last.pt every N steps (and at the end)
+    log_every: int = 10           # append losses to metrics.jsonl every N steps
     max_bad_steps: int = 20       # stop after this many non-finite steps in a row
     skip_bad: bool = False        # skip (and count) unreadable samples instead of stopping
     device: str = "auto"          # auto, cpu, cuda
     compile: bool = False         # torch.compile the model
-    grad_checkpointing: bool = False
+    grad_checkpointing: bool = False  # recompute activations in the backward pass to save memory
 
 
 def parse_args(argv=None):
@@ -227,6 +228,16 @@ def read_rows(path, cfg, skipped):
 
 
 def main(argv=None):
+    """Train; returns the (unwrapped) model. argv: a list of flags, or a TrainConfig."""
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return _main(argv)
+    finally:  # also when the run stops with an error: the caller's SIGTERM/SIGINT handlers come back
+        for s, h in handlers.items():
+            signal.signal(s, h)
+
+
+def _main(argv=None):
     cfg = parse_args(argv) if not isinstance(argv, TrainConfig) else argv
     rank, world, device = setup_distributed(cfg)
     master = rank == 0
@@ -293,7 +304,8 @@ def main(argv=None):
         config = replace(config, w_mlm=0.0, w_scl=0.0)
     if cfg.task == "vqa":
         config = replace(config, n_answers=len(answers))
-    weights = {k: getattr(cfg, k) for k in ("w_itc", "w_itm", "w_mlm", "w_scl") if getattr(cfg, k) >= 0}
+    weights = {k: getattr(cfg, k) for k in ("w_itc", "w_itm", "w_mlm", "w_scl", "image_mask_ratio")
+               if getattr(cfg, k) >= 0}
     config = replace(config, **weights)
     if ckpt is None and (cfg.text or cfg.vision):
         model = SCLModel.from_pretrained(config, text=cfg.text or None, vision=cfg.vision or None, verbose=master)
@@ -382,7 +394,8 @@ def main(argv=None):
 
     def on_signal(signum, frame):
         stop["signal"] = signum
-    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, on_signal)
 
     if before is None:
         before = validate()
@@ -392,7 +405,7 @@ def main(argv=None):
     # running sums stay on the device; read once per log interval (no host sync inside a step)
     totals = {k: torch.zeros((), device=device) for k in ("loss", "itc", "itm", "mlm", "mvsc", "mlsc", "vqa")}
     bad_total, bad_streak = torch.zeros((), device=device), torch.zeros((), device=device)
-    n_samples, t0, last_val = 0, time.time(), None
+    n_samples, n_steps, t0, last_val = 0, 0, time.time(), None
     micro = step * cfg.grad_accum
     bar = tqdm(total=cfg.steps, initial=step, disable=not master, dynamic_ncols=True)
     model.train()
@@ -404,13 +417,19 @@ def main(argv=None):
             kind = "video" if is_video_step(micro, ratio) else "image"
             try:
                 batch = next(streams[kind])
+                seen[kind] += 1
+                for _ in range(100):  # --skip-bad and no sample of the batch was readable: take the next
+                    if "text_ids" in batch:
+                        break
+                    skipped.extend(batch.pop("skipped"))
+                    batch = next(streams[kind])
+                    seen[kind] += 1
+                else:
+                    raise SystemExit(f"100 {kind} batches in a row had no readable sample: {skipped[-1]}")
             except DataError as e:
                 raise SystemExit(f"bad sample: {e}\n(pass --skip-bad to skip and count such samples)") from None
             micro += 1
-            seen[kind] += 1
-            if batch.pop("skipped", 0):
-                skipped.extend(batch.pop("skipped_paths", []) or ["(unnamed sample)"])
-            batch.pop("skipped_paths", None)
+            skipped.extend(batch.pop("skipped", []))
             batch = {k2: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k2, v in batch.items()}
             n_samples += batch["text_ids"].shape[0] * world
             # gradients are all-reduced on the last micro-step only
@@ -433,16 +452,17 @@ def main(argv=None):
         bad_total += found_inf
         bad_streak = (bad_streak + 1) * found_inf
         step += 1
+        n_steps += 1
         bar.update(1)
 
         if step % cfg.log_every == 0 or step == cfg.steps:
             n_bad, streak = int(bad_total.item()), int(bad_streak.item())
             entry = {"step": step, "lr": cfg.lr * factor, "nonfinite_steps": n_bad,
                      "samples_per_s": n_samples / (time.time() - t0)}
-            entry.update({k: round(v.item() / cfg.log_every, 4) for k, v in totals.items() if v.item() != 0})
+            entry.update({k: round(v.item() / n_steps, 4) for k, v in totals.items() if v.item() != 0})
             for v in totals.values():
                 v.zero_()
-            n_samples, t0 = 0, time.time()
+            n_samples, n_steps, t0 = 0, 0, time.time()
             bar.set_postfix(loss=entry.get("loss"), sps=round(entry["samples_per_s"], 1))
             record(entry)
             if streak >= cfg.max_bad_steps:
@@ -479,8 +499,6 @@ def main(argv=None):
     if skipped and master:
         print(f"skipped {len(skipped)} bad samples; first: " + "; ".join(skipped[:5]))
         record({"step": step, "skipped": len(skipped), "skipped_first": skipped[:20]})
-    for s, h in old_handlers.items():
-        signal.signal(s, h)
     if log:
         log.close()
     if world > 1:
