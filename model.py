@@ -283,7 +283,7 @@ class SCLModel(nn.Module):
             img, txt = self.itc_vision(self.vision_global(v)), self.itc_text(t[:, 0])  # (B, E) each
             scale = self.logit_scale.exp()
             out["itc"] = contrastive(img.float(), txt.float(), scale)
-        if c.w_itm:
+        if c.w_itm and B >= 2:  # a hard negative needs another pair in the batch
             with torch.no_grad():
                 neg_t, neg_v = sample_hard_negatives(scale * img @ txt.t())     # (B,), (B,)
             # positives, (image i, its hard negative text), (hard negative image, text j)

@@ -224,7 +224,10 @@ def setup_distributed(cfg):
 def read_rows(path, cfg, skipped):
     if not path:
         return []
-    return read_jsonl(path, skip_bad=cfg.skip_bad, skipped=skipped)
+    try:
+        return read_jsonl(path, skip_bad=cfg.skip_bad, skipped=skipped)
+    except DataError as e:
+        raise SystemExit(f"{e}\n(pass --skip-bad to skip and count such rows)") from None
 
 
 def main(argv=None):
@@ -459,7 +462,10 @@ def _main(argv=None):
             n_bad, streak = int(bad_total.item()), int(bad_streak.item())
             entry = {"step": step, "lr": cfg.lr * factor, "nonfinite_steps": n_bad,
                      "samples_per_s": n_samples / (time.time() - t0)}
-            entry.update({k: round(v.item() / n_steps, 4) for k, v in totals.items() if v.item() != 0})
+            for k, v in totals.items():
+                x = v.item() / n_steps
+                if x != 0:
+                    entry[k] = round(x, 4) if math.isfinite(x) else None  # strict JSON has no NaN
             for v in totals.values():
                 v.zero_()
             n_samples, n_steps, t0 = 0, 0, time.time()
