@@ -1,7 +1,7 @@
 """Benchmarks: one pre-training step of the model, and whole training runs.
 
-    python bench.py step --config tiny --batch 4          # forward+backward time on this machine
-    python bench.py step --config base --batch 4
+    python bench.py step --config tiny --batch 4 --device cpu   # forward+backward time on this machine
+    python bench.py step --config base --batch 32 --size 288    # GPU, bf16
     python bench.py parity --batch 32                     # GPU: bf16/compile vs CPU fp32, step time, memory
     python bench.py train --steps 100                     # GPU: train.py eager vs --compile, samples/s
 
@@ -77,16 +77,20 @@ def time_step(model, batch, opt, repeats, cuda, autocast=True):
 
 
 def cmd_step(args):
+    """Forward+backward(+fused AdamW on GPU) of one pre-training step; bf16 autocast on CUDA."""
     torch.manual_seed(0)
     config = CONFIGS[args.config]
-    m = SCLModel(config)
+    dev = torch.device("cpu" if args.device == "cpu" or not torch.cuda.is_available() else args.device)
+    m = SCLModel(config).to(dev)
     size = args.size or config.image_size
-    batch = make_batch(config, args.batch, args.frames, size)
+    batch = {k: v.to(dev) for k, v in make_batch(config, args.batch, args.frames, size).items()}
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-6, fused=True) if dev.type == "cuda" else None
     n = sum(p.numel() for p in m.parameters())
-    sec, _ = time_step(m, batch, None, args.repeats, cuda=False)
+    sec, peak = time_step(m, batch, opt, args.repeats, cuda=dev.type == "cuda")
+    where = torch.cuda.get_device_name() if dev.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"{args.config}: {n / 1e6:.1f}M params, batch {args.batch} x {args.frames} frame(s) at {size} px, "
-          f"{torch.get_num_threads()} threads: forward+backward {sec:.3f} s "
-          f"({args.batch / sec:.2f} samples/s), median of {args.repeats - 1}")
+          f"{where}: step {sec:.3f} s ({args.batch / sec:.2f} samples/s), peak {peak:.1f} GiB, "
+          f"median of {args.repeats - 1}")
 
 
 def cmd_parity(args):
@@ -161,7 +165,7 @@ if __name__ == "__main__":
     p.add_argument("--repeats", type=int, default=6, help="timed repeats (the first is dropped as warm-up)")
     p.add_argument("--steps", type=int, default=100, help="training steps (train)")
     p.add_argument("--workers", type=int, default=8, help="data loader workers (train)")
-    p.add_argument("--device", default="cuda", help="device compared with CPU fp32 (parity)")
+    p.add_argument("--device", default="cuda", help="step: where to time (cpu/cuda); parity: compared with CPU fp32")
     a = p.parse_args()
     if a.what in ("parity", "train") and not a.size:
         a.size = 224

@@ -392,6 +392,16 @@ def _main(argv=None):
             answers=answers, val=val,
             rng=dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state() if cuda else None)))
 
+    def validate_and_keep_best():
+        nonlocal best
+        val = validate()
+        if val:
+            record({"step": step, "val": val})
+            if val["score"] > best:
+                best = val["score"]
+                checkpoint(os.path.join(cfg.out, "best.pt"), val)
+        return val
+
     # SIGTERM / SIGINT: finish the step, save, exit cleanly
     stop = {"signal": None}
 
@@ -408,7 +418,7 @@ def _main(argv=None):
     # running sums stay on the device; read once per log interval (no host sync inside a step)
     totals = {k: torch.zeros((), device=device) for k in ("loss", "itc", "itm", "mlm", "mvsc", "mlsc", "vqa")}
     bad_total, bad_streak = torch.zeros((), device=device), torch.zeros((), device=device)
-    n_samples, n_steps, t0, last_val = 0, 0, time.time(), None
+    n_samples, n_steps, t0 = 0, 0, time.time()
     micro = step * cfg.grad_accum
     bar = tqdm(total=cfg.steps, initial=step, disable=not master, dynamic_ncols=True)
     model.train()
@@ -476,12 +486,7 @@ def _main(argv=None):
                 raise SystemExit(f"{streak} non-finite steps in a row at step {step}: stopping (the weights before "
                                  f"them are in {cfg.out}/nonfinite.pt). Lower --lr or check the data.")
         if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-            last_val = validate()
-            if last_val:
-                record({"step": step, "val": last_val})
-                if last_val["score"] > best:
-                    best = last_val["score"]
-                    checkpoint(os.path.join(cfg.out, "best.pt"), last_val)
+            validate_and_keep_best()
         if step % cfg.save_every == 0:
             checkpoint(last)
         if world > 1:
@@ -493,12 +498,7 @@ def _main(argv=None):
         if master:
             print(f"stopped by signal {stop['signal']} at step {step}; checkpoint saved to {last}")
     else:
-        after = validate()
-        if after:
-            record({"step": step, "val": after})
-            if after["score"] > best:
-                best = after["score"]
-                checkpoint(os.path.join(cfg.out, "best.pt"), after)
+        after = validate_and_keep_best()
         checkpoint(last, after)
         if master and after:
             print(f"validation before training: {fmt(before)}\nvalidation after training:  {fmt(after)}")

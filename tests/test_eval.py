@@ -19,14 +19,6 @@ from model import CONFIGS, SCLModel
 # helpers
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny model's ops are too small to split: one thread is faster, above all on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 class CharTokenizer:
     """A stand-in with the data.Tokenizer interface: one id per character, [CLS]=1 ... [SEP]=2, pad 0."""

@@ -13,14 +13,6 @@ from losses import (contrastive, info_nce, itm_loss, mlm_loss, sample_hard_negat
                     semantic_completion, vqa_loss)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The CPUs are shared: these tiny tensors run faster on one thread than on two fighting others."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def unit_rows(n, d, gen, dtype=torch.float64):
     x = torch.randn(n, d, generator=gen, dtype=dtype)

@@ -59,14 +59,6 @@ def perturb_(module, scale=0.05, seed=0):
     return module
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The CPUs are shared: small matrices on one thread are faster than two threads fighting others."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 # ---------------------------------------------------------------------------------------------
 # Naive references: explicit softmax attention with a boolean mask, written from the formulas.

@@ -132,14 +132,6 @@ def recording(monkeypatch):
     RecordingAdamW.snapshots, RecordingAdamW.sigterm_after = [], None
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny model's ops are too small to split: one thread is faster, above all on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(autouse=True)
 def signal_guard():
