@@ -5,8 +5,19 @@
     python bench.py parity --batch 32                     # GPU: bf16/compile vs CPU fp32, step time, memory
     python bench.py train --steps 100                     # GPU: train.py eager vs --compile, samples/s
 
-Notes (medians of the timed repeats; each table was measured in one run on one machine):
-- see the closing notes of the model and training issues; numbers are repeated here as they land.
+Notes (medians of the timed repeats; numbers within one list were measured in one run):
+- NVIDIA H200, torch 2.11+cu130, `base` with random weights, 40 tokens, 2026-11-28.
+  parity, batch 32, 224 px, fixed masks/negatives: CUDA fp32 equals CPU fp32 on every loss to the
+  4 decimals printed; bf16 autocast max relative error 0.44% (ITM 0.9672 vs 0.9630), bf16 +
+  torch.compile 0.50% (ITM 0.9678). The compiled forward matches; the compiled TRAINING step was
+  not timed: compiling forward+backward of `base` did not finish inside the 4-minute slot.
+  step (eager, bf16, fused AdamW), batch 32: images 224 px 0.285 s (112 samples/s, 19.0 GiB peak;
+  the first shape timed, may include warm-up), images 288 px 0.227 s (141 samples/s, 26.4 GiB),
+  4-frame 224 px videos 0.341 s (94 samples/s, 53.3 GiB).
+  train.py (`bench.py train`, eager, bf16, fused AdamW, 12 workers), demo images and videos
+  resized to 224 px, batch 32, alternating: 90-105 samples/s per 10-step interval after the
+  first, peak 52.8 GiB; 40 steps from random init took validation R@1 from 1% to 14.5%.
+- This machine (2 CPU cores, fp32): see `python bench.py step --device cpu` and the README.
 """
 import argparse
 import os

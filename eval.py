@@ -410,7 +410,8 @@ def write_attention_png(model, tokenizer, image, caption, out_png, image_size=22
                         alpha=0.6):
     """Heat map of where the caption's CLS looks: the last text fusion layer's cross-attention, mean over
     heads, on the patch grid of frame 0, blended over the (centre-cropped) image. image: a file path or
-    pixels (T, 3, S, S). Writes an S x S PNG and returns the attention used, (heads, T*(1+N))."""
+    pixels (T, 3, S, S). Writes an S x S PNG (times
+    256 // S when S < 256) and returns the attention used, (heads, T*(1+N))."""
     pixels = load_clip(image, image_size, frames) if isinstance(image, str) else image
     device = next(model.parameters()).device
     pixels = pixels.to(device)[None]                                       # (1, T, 3, S, S)
@@ -425,7 +426,10 @@ def write_attention_png(model, tokenizer, image, caption, out_png, image_size=22
     heat = heat_colors(grid.cpu().numpy()).astype(np.float32)
     picture = np.asarray(to_pil(pixels[0, 0]), dtype=np.float32)
     os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
-    Image.fromarray(((1 - alpha) * picture + alpha * heat).round().astype(np.uint8)).save(out_png)
+    blend = Image.fromarray(((1 - alpha) * picture + alpha * heat).round().astype(np.uint8))
+    zoom = max(1, 256 // S)  # small inputs (the demo's 64 px) are enlarged so the patches are visible
+    blend = blend.resize((zoom * S, zoom * pixels.shape[-2]), Image.NEAREST)
+    blend.save(out_png)
     return att.cpu()
 
 # -----------------------------------------------------------------------------

@@ -44,7 +44,7 @@ class TrainConfig:
     video_batch_size: int = 0     # 0: same as batch_size
     video_ratio: float = 0.5      # fraction of micro-steps that take a video batch when both are given
     grad_accum: int = 1           # micro-steps per optimiser step
-    lr: float = 5e-4              # encoders' learning rate (demo from scratch; paper: 2e-5 from pretrained weights)
+    lr: float = 1e-4              # encoders' learning rate (paper: 2e-5 from pretrained weights)
     head_lr_mult: float = 5.0     # fusion and heads get lr x this (paper: 5)
     weight_decay: float = 0.01    # AdamW weight decay (none on biases, norms, embeddings, temperature)
     warmup: float = 0.1           # fraction of steps of linear warm-up, then linear decay to 0
@@ -287,6 +287,8 @@ def _main(argv=None):
         tokenizer = Tokenizer.from_pretrained(cfg.text)
     else:
         tokenizer = Tokenizer.train([c for r in image_rows + video_rows for c in r["captions"]], cfg.vocab_size)
+    if master:  # beside the checkpoints (which carry it too), for use outside this code
+        tokenizer.save(cfg.out)
 
     # answer vocabulary for VQA
     answers = None

@@ -306,7 +306,7 @@ def test_attention_png(tmp_path):
     handle.remove()
     with Image.open(out) as im:
         im.load()
-        assert im.format == "PNG" and im.size == (64, 64) and im.mode == "RGB"
+        assert im.format == "PNG" and im.size == (256, 256) and im.mode == "RGB"
     N = (64 // 8) ** 2
     assert att.shape == (model.config.fusion_heads, 1 + N)
     torch.testing.assert_close(att.sum(-1), torch.ones(att.shape[0]))  # over CLS + patches, per head
@@ -324,7 +324,7 @@ def test_attention_on_clip_uses_all_frames(tmp_path):
     assert att.shape == (model.config.fusion_heads, 3 * (1 + 64))
     torch.testing.assert_close(att.sum(-1), torch.ones(att.shape[0]))
     with Image.open(tmp_path / "clip.png") as im:
-        assert im.size == (64, 64)
+        assert im.size == (256, 256)  # 64 px enlarged 4x
 
 # -----------------------------------------------------------------------------
 # checkpoints and the command line

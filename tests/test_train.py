@@ -617,7 +617,7 @@ def test_finetune_retrieval_then_eval(pretrained, demo, tmp_path):
     (png, caption), = result["attention"].items()
     assert caption == "a red circle"
     with Image.open(png) as im:
-        assert im.size == (32, 32) and im.mode == "RGB"
+        assert im.size == (256, 256) and im.mode == "RGB"
 
 
 def test_finetune_vqa_then_eval(pretrained, demo, tmp_path):
