@@ -19,7 +19,7 @@ from PIL import Image
 import eval as ev
 import model as model_module
 import train
-from data import DataError, make_demo, read_jsonl, write_jsonl
+from data import DataError, Tokenizer, make_demo, read_jsonl, write_jsonl
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -193,6 +193,9 @@ def test_pretrain_end_to_end(pretrained, demo):
     loaded, tokenizer, again = ev.load_model(os.path.join(out, "last.pt"))
     assert_same_tensors(loaded.state_dict(), model.state_dict())
     assert again["step"] == 4 and tokenizer.vocab_size == model.config.vocab_size <= 300
+    beside = Tokenizer.from_pretrained(out)  # the tokenizer.json written beside the checkpoints
+    sentence = ["a small red circle moving left"]
+    assert torch.equal(beside.encode(sentence, 16)[0], tokenizer.encode(sentence, 16)[0])
     # the checkpoint holds the weights that were validated at the end: eval.py's metric agrees
     result, _ = ev.evaluate_retrieval(loaded, tokenizer, read_jsonl(demo["images_val"]), k=0, max_len=16,
                                       image_size=32, frames=2)
@@ -497,7 +500,7 @@ def test_crash_while_saving_keeps_previous_checkpoint(demo, tmp_path, monkeypatc
     with open(last, "rb") as f:
         assert f.read() == before
     assert load(last)["step"] == 2
-    assert sorted(os.listdir(out)) == ["last.pt", "metrics.jsonl"]  # no temp file left behind
+    assert sorted(os.listdir(out)) == ["last.pt", "metrics.jsonl", "tokenizer.json"]  # no temp file left behind
 
 
 def test_logged_losses_are_means_over_each_interval(demo, tmp_path, monkeypatch):
