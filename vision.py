@@ -13,6 +13,7 @@ import struct
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 class Attention(nn.Module):
@@ -123,6 +124,7 @@ class VisionTransformer(nn.Module):
         act = QuickGELU() if act == "quick_gelu" else nn.GELU()
         self.blocks = nn.ModuleList(ViTBlock(width, heads, act) for _ in range(layers))
         self.ln_post = nn.LayerNorm(width)
+        self.grad_checkpointing = False  # recompute each block in the backward pass (saves memory)
 
     def pos_embed(self, gh, gw):
         """Spatial position embedding for a gh x gw grid, (1 + gh*gw, D).
@@ -159,7 +161,8 @@ class VisionTransformer(nn.Module):
         L = x.shape[2]
         x = self.ln_pre(x.flatten(0, 1))                                    # (B*T, 1+K, D)
         for block in self.blocks:
-            x = block(x, frames=T)
+            x = checkpoint(block, x, T, use_reentrant=False) if self.grad_checkpointing and self.training \
+                else block(x, T)
         return self.ln_post(x).view(B, T, L, -1)
 
 

@@ -5,6 +5,7 @@ import os
 import re
 import sys
 import time
+import unittest.mock
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -16,6 +17,7 @@ import torch.nn.functional as F  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import model as model_module  # noqa: E402
+import vision as vision_module  # noqa: E402
 from model import CONFIGS, SCLModel  # noqa: E402
 from vision import Attention, VisionTransformer, read_safetensors, tube_mask  # noqa: E402
 
@@ -637,3 +639,32 @@ def test_learns_sixteen_pairs():
     assert (sim.argmax(dim=1) == target).all(), "image -> text R@1 < 100%"
     assert (sim.argmax(dim=0) == target).all(), "text -> image R@1 < 100%"
     print(f"learning test: {time.time() - start:.1f} s, loss {losses[0]:.2f} -> {losses[-1]:.2f}")
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    """Recomputing activations in the backward pass must not change the loss or any gradient."""
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = SCLModel(TINY)
+        model.grad_checkpointing = checkpointing
+        torch.manual_seed(1)  # the same tube masks and hard negatives in both runs
+        calls = {"model": 0, "vision": 0}
+        real = model_module.checkpoint
+
+        def counting(module):
+            def run(*a, **k):
+                calls[module] += 1
+                return real(*a, **k)
+            return run
+        with unittest.mock.patch.object(model_module, "checkpoint", counting("model")), \
+                unittest.mock.patch.object(vision_module, "checkpoint", counting("vision")):
+            out = model(make_batch(4, T=2, size=32))
+        out["loss"].backward()
+        # text layers, fusion layers (model.py) and ViT blocks (vision.py) all went through it
+        assert all(n > 0 for n in calls.values()) == checkpointing and any(calls.values()) == checkpointing
+        grads.append((out["loss"].detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (loss_a, ga), (loss_b, gb) = grads
+    torch.testing.assert_close(loss_a, loss_b)
+    for name in ga:
+        torch.testing.assert_close(ga[name], gb[name], atol=1e-6, rtol=1e-5, msg=name)
