@@ -23,7 +23,6 @@ import argparse
 import os
 import statistics
 import time
-from dataclasses import replace
 
 import torch
 

@@ -14,7 +14,7 @@ A loss weight of 0 in Config skips that loss's passes.
 import json
 import math
 import os
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -289,7 +289,7 @@ class SCLModel(nn.Module):
             # positives, (image i, its hard negative text), (hard negative image, text j)
             t3, m3 = torch.cat([t, t[neg_t], t]), torch.cat([mask, mask[neg_t], mask])  # (3B, L, H)
             v3 = torch.cat([v, v, v[neg_v]])                                         # (3B, T, 1+N, H)
-            labels = torch.cat([torch.ones(B), torch.zeros(2 * B)]).long().to(ids.device)
+            labels = torch.cat([ids.new_ones(B), ids.new_zeros(2 * B)])  # made on the device: no copy
             out["itm"] = itm_loss(self.itm_head(self.pool(*self.fuse(t3, m3, v3))), labels)
         if c.w_mlm:
             t_mlm, _ = self.fuse(masked[0], mask, v)

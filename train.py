@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from data import Collator, DataError, PairDataset, Tokenizer, make_demo, read_jsonl
-from eval import build_answer_vocab, evaluate_retrieval, evaluate_vqa, load_model, soft_targets
+from eval import build_answer_vocab, evaluate_retrieval, evaluate_vqa, soft_targets
 from model import CONFIGS, Config, SCLModel
 
 
