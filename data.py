@@ -1,6 +1,6 @@
 """
 Data for SCL: jsonl reading, image/video loading, tokenisation, MLM/SCL text masking,
-a synthetic demo dataset and converters from the standard annotation files (SPEC section 8).
+a synthetic demo dataset and converters from the standard annotation files (METHOD.md §8).
 Stands alone: imports only torch, numpy, pillow, av, tokenizers and the standard library.
 
     python data.py demo --out demo/
@@ -11,6 +11,7 @@ Stands alone: imports only torch, numpy, pillow, av, tokenizers and the standard
 import argparse
 import csv
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -22,7 +23,7 @@ import warnings
 import av
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 
@@ -127,7 +128,8 @@ def _open_image(path):
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:
                 im.load()
-                return _to_rgb(im)
+                # phones store the sensor's pixels and an EXIF orientation saying how to show them
+                return _to_rgb(ImageOps.exif_transpose(im))
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
         raise DataError(f"{path}: image too large ({e})") from e
     except Exception as e:  # truncated, corrupt, not an image: PIL raises many kinds
@@ -156,12 +158,19 @@ def _crop_box(w, h, size, train, rng):
     return (x0, y0, x0 + cw, y0 + ch), rng.random() < 0.5
 
 
+def resize_shape(w, h, size):
+    """(w, h) -> (nw, nh): the shorter side exactly `size`, the longer one round(long * size / short).
+    Integer arithmetic: a float ratio gives 223 for 299 px at 224, and the centre crop would
+    then reach outside the image (a black row)."""
+    if w <= h:
+        return size, (2 * h * size + w) // (2 * w)  # = floor(h * size / w + 1/2) >= size
+    return (2 * w * size + h) // (2 * h), size
+
+
 def _transform(im, size, box, flip):
     """PIL RGB -> (3, size, size) CLIP-normalised float tensor."""
     if box is None:  # eval: shorter side -> size (bicubic), then centre crop
-        w, h = im.size
-        s = size / min(w, h)
-        nw, nh = (size, int(h * s)) if w <= h else (int(w * s), size)
+        nw, nh = resize_shape(*im.size, size)
         im = im.resize((nw, nh), Image.BICUBIC)
         x0, y0 = int(round((nw - size) / 2)), int(round((nh - size) / 2))
         im = im.crop((x0, y0, x0 + size, y0 + size))
@@ -195,6 +204,10 @@ def _count_frames(container, stream):
     rate = stream.average_rate or stream.guessed_rate
     if stream.duration and rate:  # containers without a frame count (webm, some mkv)
         return int(round(float(stream.duration * stream.time_base * rate)))
+    tag = stream.metadata.get("DURATION", "")  # mkv/webm: the track's own length, "HH:MM:SS.nnnnnnnnn"
+    if re.fullmatch(r"\d+:\d\d:\d\d(\.\d+)?", tag) and rate:  # the file's length may be a longer audio track's
+        h, m, s = tag.split(":")
+        return int(round((3600 * int(h) + 60 * int(m) + float(s)) * float(rate)))
     if container.duration and rate:
         return int(round(container.duration / av.time_base * float(rate)))
     # nothing in the headers: count packets (demuxing only, no decoding)
@@ -203,29 +216,48 @@ def _count_frames(container, stream):
     return n
 
 
+def _upright(frame):
+    """av.VideoFrame -> PIL image as it should be shown: phones record sideways and store a
+    display matrix; frame.rotation is its angle, counter-clockwise, which PIL's rotate also uses."""
+    im = frame.to_image()
+    return im.rotate(frame.rotation, expand=True) if frame.rotation else im
+
+
 def _decode(container, stream, targets):
-    """Decode the frames at the sorted frame indices `targets` -> {index: PIL image}.
-    Seek to the keyframe before a target and decode forward; when the next target is near,
-    keep decoding instead (a seek would land on a keyframe we already passed)."""
+    """Decode the frames at the sorted frame indices `targets` -> {index: upright PIL image}; frame k
+    is the first whose time after frame 0, in frames, rounds to k or more. A target past the end
+    of the stream is left out (the caller reports it). Seek to the keyframe before a target and
+    decode forward; when the next target is near, keep decoding instead (a seek would land on a
+    keyframe we already passed)."""
     rate = stream.average_rate or stream.guessed_rate or 25
-    tb, start = stream.time_base, stream.start_time or 0
-    out, it, pos, last_key = {}, None, -1, 0
+    tb = stream.time_base
+    frames = (f for f in container.decode(stream) if f.pts is not None)
+    first = next(frames, None)
+    if first is None:
+        return {}
+    start = first.pts  # not stream.start_time: an AVI with B-frames says 0 but starts at 1
+    out, it, pos, last_key = {}, itertools.chain([first], frames), -1, 0
     for t in targets:
-        if it is None or t <= pos or t - pos > max(8, pos - last_key):
-            container.seek(start + int(t / rate / tb), backward=True, any_frame=False, stream=stream)
-            it = container.decode(stream)
-        for frame in it:
-            if frame.pts is None:
+        back = 0  # how many frames before t to seek to
+        while t not in out:
+            seeked = it is None or t <= pos or t - pos > max(8, pos - last_key)
+            if seeked:
+                k = max(t - back, 0)
+                container.seek(start + int(k / rate / tb), backward=True, any_frame=False, stream=stream)
+                it = (f for f in container.decode(stream) if f.pts is not None)
+            for i, frame in enumerate(it):
+                pos = int(round(float((frame.pts - start) * tb * rate)))
+                last_key = pos if frame.key_frame else last_key
+                if pos >= t:
+                    break
+            else:  # the stream ends before t: a truncated file, or a frame count that lied
+                return out
+            if seeked and i == 0 and pos > t and k > 0:
+                # the seek passed t (some indexes hold decode times, and B-frames decode after
+                # the frames they precede): seek further back, doubling the distance each time
+                it, back = None, 2 * back + 1
                 continue
-            pos = int(round(float((frame.pts - start) * tb * rate)))
-            last_key = pos if frame.key_frame else last_key
-            if pos >= t:
-                out[t] = frame.to_image()
-                break
-        else:  # EOF before t (the frame count overestimated): reuse the last frame we got
-            it = None
-            if out:
-                out[t] = out[max(out)]
+            out[t] = _upright(frame)
     return out
 
 
@@ -395,7 +427,7 @@ class PairDataset(torch.utils.data.Dataset):
                 return {"bad": where}
             raise DataError(where) from e
         fix = swap_left_right if flipped else (lambda s: s)
-        item = dict(pixels=pixels, index=i, seed=seed)
+        item = dict(pixels=pixels, index=i, row=r, seed=seed)  # row: which image, shared by its captions
         if "question" in row:
             item.update(caption=fix(row["question"]), question=fix(row["question"]),
                         answers=[fix(a) for a in row["answers"]])
@@ -409,7 +441,7 @@ class PairDataset(torch.utils.data.Dataset):
 
 
 class Collator:
-    """Samples -> batch with the text and its MLM (SPEC 6.3) and SCL (6.5) masked versions.
+    """Samples -> batch with the text and its MLM (METHOD.md §6.3) and MLSC (§6.5) masked versions.
     Every random draw for a sample comes from a generator seeded by its own "seed", so masks
     do not depend on which samples share the batch or how many workers there are."""
 
@@ -452,6 +484,8 @@ class Collator:
         batch = dict(pixels=torch.stack([s["pixels"] for s in kept]),  # (B, T, 3, S, S)
                      text_ids=ids, text_mask=mask, mlm_ids=mlm_ids, mlm_labels=labels, scl_ids=scl_ids,
                      index=torch.tensor([s["index"] for s in kept]), skipped=skipped)
+        if "row" in kept[0]:  # the image of each text; every rank reads the same rows, so the ids are global
+            batch["image_ids"] = torch.tensor([s["row"] for s in kept])  # (B,): ITC positives, never ITM negatives
         if "captions" in kept[0]:
             batch["captions"] = [s["captions"] for s in kept]
         if "question" in kept[0]:

@@ -1,7 +1,10 @@
-"""Evaluation for SCL (SPEC section 7): image/video-text retrieval, VQA scoring, and pictures.
+"""Evaluation for SCL (METHOD.md §7): image/video-text retrieval, VQA scoring, and pictures.
 
     python eval.py retrieval --ckpt runs/coco/last.pt --data coco_test.jsonl --k 128 --show 10
-    python eval.py vqa --ckpt runs/vqa/last.pt --data vqa_val.jsonl --out preds.json
+    python eval.py vqa --ckpt runs/vqa/last.pt --data vqa_val.jsonl --out results/
+
+Results go to --out (default: the checkpoint's folder) as eval_<task>_<checkpoint>_<data>.json, so the
+evaluations of best.pt and last.pt on one file keep one json each.
 
 Retrieval follows ALBEF/METER: rank every candidate by ITC cosine similarity, then re-rank the top k
 of each query with the ITM head. The fusion runs on k candidates per query, never on all pairs, so
@@ -15,6 +18,7 @@ import json
 import math
 import os
 import re
+import tempfile
 from collections import Counter
 from contextlib import nullcontext
 from urllib.parse import quote
@@ -25,10 +29,16 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from data import CLIP_MEAN, CLIP_STD, PairDataset, Tokenizer, load_image, load_video, read_jsonl
+from data import CLIP_MEAN, CLIP_STD, DataError, PairDataset, Tokenizer, load_image, load_video, read_jsonl
 from model import Config, SCLModel
 
-VIDEO_EXTS = {".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg"}
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unreadable or not written by train.py; the message names the file."""
+
+
+class Interrupted(Exception):
+    """Raised between two batches when the caller's stop() says so (train.py: a SIGTERM during validation)."""
 
 # -----------------------------------------------------------------------------
 # checkpoints and batching
@@ -37,20 +47,22 @@ VIDEO_EXTS = {".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg"}
 def load_model(ckpt_path, device="cpu"):
     """A checkpoint written by train.py -> (model in eval mode on device, tokenizer, checkpoint dict)."""
     if not os.path.isfile(ckpt_path):
-        raise FileNotFoundError(f"{ckpt_path}: checkpoint not found")
+        raise CheckpointError(f"{ckpt_path}: checkpoint not found")
     try:
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{ckpt_path}: cannot read checkpoint ({type(e).__name__}: {e})") from None
+    except Exception as e:  # torch's own messages run to paragraphs: their first line says what happened
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise CheckpointError(f"{ckpt_path}: cannot read checkpoint ({type(e).__name__}: {first})") from None
     missing = [k for k in ("model", "config", "tokenizer") if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
-        raise ValueError(f"{ckpt_path}: not an SCL checkpoint (no {', '.join(missing)})")
+        raise CheckpointError(f"{ckpt_path}: not an SCL checkpoint (no {', '.join(missing)})")
     try:
         model = SCLModel(Config(**ckpt["config"]))
         # weights saved from a compiled or DDP-wrapped model carry a prefix on every name
         model.load_state_dict({re.sub(r"^(_orig_mod\.|module\.)+", "", k): v for k, v in ckpt["model"].items()})
-    except (TypeError, RuntimeError) as e:
-        raise ValueError(f"{ckpt_path}: weights do not fit the model its config describes ({e})") from None
+    except (TypeError, RuntimeError, AttributeError) as e:
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise CheckpointError(f"{ckpt_path}: weights do not fit the model its config describes ({first})") from None
     return model.to(device).eval(), Tokenizer.from_str(ckpt["tokenizer"]), ckpt
 
 
@@ -60,9 +72,29 @@ def _autocast(device):
 
 
 def _loader(rows, image_size, frames, batch_size, workers):
-    """Eval clips (centre crop, segment centres) of `rows`, in row order."""
-    ds = PairDataset(rows, image_size, frames, train=False, group=True)
+    """Eval clips (centre crop, segment centres) of `rows`, in row order. An unreadable file comes as
+    {"bad": "file:line: why"}, and _readable raises it in this process: from a worker it would come back
+    wrapped in that worker's traceback."""
+    ds = PairDataset(rows, image_size, frames, train=False, group=True, skip_bad=True)
     return torch.utils.data.DataLoader(ds, batch_size, num_workers=workers, collate_fn=list)  # items as dicts
+
+
+def _readable(items, skip_bad, skipped):
+    """A loader batch -> its readable items. An unreadable file raises DataError naming its jsonl line,
+    or with skip_bad is left out and its "file:line: why" appended to `skipped`."""
+    for it in items:
+        if "bad" in it:
+            if not skip_bad:
+                raise DataError(it["bad"])
+            if skipped is not None:
+                skipped.append(it["bad"])
+    return [it for it in items if "bad" not in it]
+
+
+def _check(stop):
+    """Between two batches: honour the caller's stop() at once."""
+    if stop is not None and stop():
+        raise Interrupted("evaluation stopped")
 
 # -----------------------------------------------------------------------------
 # retrieval metrics
@@ -117,26 +149,35 @@ def recall_at_k(sim, txt2img, img2txt, ks=(1, 5, 10), sim_t2i=None):
 
 
 @torch.no_grad()
-def encode_clips(model, loader, device):
-    """-> ITC embeddings (N, E) float32 and unimodal vision states (N, T, K, H), both on device.
+def encode_clips(model, loader, device, skip_bad=False, skipped=None, stop=None):
+    """-> ITC embeddings (N, E) float32 and unimodal vision states (N, T, K, H), both on device, and the
+    indices of the N items read (all of them unless skip_bad left some out, see _readable).
 
     The states are kept for re-ranking so the vision encoder runs once per clip (COCO 5k at 384 px,
     ViT-B/16: about 4.4 GB in bf16)."""
-    embs, states = [], []
+    embs, states, read = [], [], []
     for items in tqdm(loader, desc="clips", disable=None):
+        _check(stop)
+        items = _readable(items, skip_bad, skipped)
+        if not items:
+            continue
+        read += [it["index"] for it in items]
         pixels = torch.stack([it["pixels"] for it in items]).to(device)        # (B, T, 3, S, S)
         with _autocast(device):
             v = model.embed_vision(pixels)                                   # (B, T, K, H)
             embs.append(model.itc_vision(model.vision_global(v)).float())
         states.append(v)
-    return torch.cat(embs), torch.cat(states)
+    if not read:
+        raise DataError("no image or video of the evaluation rows could be read")
+    return torch.cat(embs), torch.cat(states), read
 
 
 @torch.no_grad()
-def encode_texts(model, tokenizer, texts, max_len, batch_size, device):
+def encode_texts(model, tokenizer, texts, max_len, batch_size, device, stop=None):
     """-> ITC embeddings (M, E) float32, text states (M, L, H) and masks (M, L), on device."""
     embs, states, masks = [], [], []
     for a in range(0, len(texts), batch_size):
+        _check(stop)
         ids, mask = (x.to(device) for x in tokenizer.encode(texts[a:a + batch_size], max_len))  # (B, L)
         with _autocast(device):
             t = model.embed_text(ids, mask)                                   # (B, L, H)
@@ -147,12 +188,13 @@ def encode_texts(model, tokenizer, texts, max_len, batch_size, device):
 
 
 @torch.no_grad()
-def itm_scores(model, v, t, mask, img_idx, txt_idx, batch_size):
+def itm_scores(model, v, t, mask, img_idx, txt_idx, batch_size, stop=None):
     """ITM log-odds logit[1] - logit[0] of the pairs (img_idx[n], txt_idx[n]), batch_size pairs per fusion.
 
     Log-odds order pairs exactly as softmax[:, 1] does, but do not saturate into ties at 1.0."""
     out = []
     for a in range(0, len(img_idx), batch_size):
+        _check(stop)
         i, j = img_idx[a:a + batch_size], txt_idx[a:a + batch_size]
         with _autocast(v.device):
             pooled = model.pool(*model.fuse(t[j], mask[j], v[i]))              # (b, 2H)
@@ -162,7 +204,7 @@ def itm_scores(model, v, t, mask, img_idx, txt_idx, batch_size):
     return torch.cat(out).cpu() if out else torch.zeros(0)  # one host sync, not one per batch
 
 
-def rerank(model, sim, v, t, mask, k, batch_size):
+def rerank(model, sim, v, t, mask, k, batch_size, stop=None):
     """ITC scores sim (n_img, n_txt) on CPU -> (i2t scores, t2i scores), each (n_img, n_txt) float32.
 
     i2t: the top k texts of each image (a row) get their ITM log-odds plus an offset that lifts every
@@ -177,7 +219,7 @@ def rerank(model, sim, v, t, mask, k, batch_size):
     t2i = (top_i * n_txt + torch.arange(n_txt)[None]).flatten()
     pairs = torch.cat([i2t, t2i]).unique()                                 # sorted, each pair once
     dev = v.device
-    scores = itm_scores(model, v, t, mask, (pairs // n_txt).to(dev), (pairs % n_txt).to(dev), batch_size)
+    scores = itm_scores(model, v, t, mask, (pairs // n_txt).to(dev), (pairs % n_txt).to(dev), batch_size, stop)
     offset = sim.max() - scores.min() + 1
     out = []
     for flat in (i2t, t2i):
@@ -187,42 +229,72 @@ def rerank(model, sim, v, t, mask, k, batch_size):
     return out
 
 
-def evaluate_retrieval(model, tokenizer, rows, k=128, batch_size=64, device="cpu", max_len=40, image_size=224,
-                       frames=4, workers=0):
-    """Rows with captions (read_jsonl) -> (metrics, scores).
-
-    metrics: {"itc": recall_at_k of the ITC ranking, "itm": of the re-ranked one (when k > 0)}.
-    scores: {"itc": (n_img, n_txt), and for k > 0 "itm_i2t", "itm_t2i"}, float32 on CPU.
-    Texts are numbered row by row, captions in order.
-    """
-    device = torch.device(device)
+def gallery_items(rows):
+    """Retrieval rows -> gallery items: rows naming the same media file (the same absolute path) become one
+    item with all their captions, in first-seen order. A jsonl with one line per (image, caption) would
+    otherwise put each image in the gallery several times: the copies get identical embeddings, ties
+    count against the model, and text-to-image R@1 would be 0 for any model."""
     if len({r["kind"] for r in rows}) > 1:
-        raise ValueError("the rows mix images and videos: evaluate them from separate files")
-    texts, txt2img, img2txt = [], [], []
+        raise DataError("the rows mix images and videos: evaluate them from separate files")
+    items = {}
     for i, row in enumerate(rows):
         if not row["captions"]:
-            raise ValueError(f"{row.get('jsonl', '?')}:{row.get('line', i + 1)}: no caption to retrieve")
-        img2txt.append(list(range(len(texts), len(texts) + len(row["captions"]))))
-        texts += row["captions"]
-        txt2img += [i] * len(row["captions"])
+            raise DataError(f"{row.get('jsonl', '?')}:{row.get('line', i + 1)}: no caption to retrieve")
+        path = os.path.abspath(row["path"])
+        if path in items:
+            items[path]["captions"] += row["captions"]
+        else:
+            items[path] = dict(row, path=path, captions=list(row["captions"]))  # a copy: rows stay as they are
+    return list(items.values())
+
+
+def evaluate_retrieval(model, tokenizer, rows, k=128, batch_size=64, device="cpu", max_len=40, image_size=224,
+                       frames=4, workers=0, skip_bad=False, skipped=None, stop=None):
+    """Rows with captions (read_jsonl) -> (metrics, scores), over the gallery of gallery_items(rows).
+
+    metrics: {"itc": recall_at_k of the ITC ranking, "itm": of the re-ranked one (when k > 0),
+    "gallery": {"rows", "items" (after merging rows that name one file), "skipped" (unreadable items left
+    out), "texts" (the captions ranked)}}.
+    scores: {"itc": (n_img, n_txt), and for k > 0 "itm_i2t", "itm_t2i"}, float32 on CPU, and "items": the
+    gallery items ranked, in score-row order; texts are numbered item by item, captions in order.
+    skip_bad: an unreadable file leaves its item and captions out (its "file:line: why" appended to
+    `skipped` when given) instead of raising DataError. stop: called between batches; True raises Interrupted.
+    """
+    device = torch.device(device)
+    items, bad = gallery_items(rows), []
     model.eval()
-    img, v = encode_clips(model, _loader(rows, image_size, frames, batch_size, workers), device)
-    txt, t, mask = encode_texts(model, tokenizer, texts, max_len, batch_size, device)
+    img, v, read = encode_clips(model, _loader(items, image_size, frames, batch_size, workers), device, skip_bad,
+                                bad, stop)
+    counts = dict(rows=len(rows), items=len(items), skipped=len(bad))
+    if skipped is not None:
+        skipped += bad
+    items = [items[i] for i in read]
+    texts, txt2img, img2txt = [], [], []
+    for i, item in enumerate(items):
+        img2txt.append(list(range(len(texts), len(texts) + len(item["captions"]))))
+        texts += item["captions"]
+        txt2img += [i] * len(item["captions"])
+    txt, t, mask = encode_texts(model, tokenizer, texts, max_len, batch_size, device, stop)
     sim = (img @ txt.t()).cpu()                                           # (n_img, n_txt)
     metrics, scores = {"itc": recall_at_k(sim, txt2img, img2txt)}, {"itc": sim}
     if k > 0:
-        i2t, t2i = rerank(model, sim, v, t, mask, k, batch_size)
+        i2t, t2i = rerank(model, sim, v, t, mask, k, batch_size, stop)
         metrics["itm"] = recall_at_k(i2t, txt2img, img2txt, sim_t2i=t2i)
         scores.update(itm_i2t=i2t, itm_t2i=t2i)
+    metrics["gallery"] = dict(counts, texts=len(texts))
+    scores["items"] = items
     return metrics, scores
 
 # -----------------------------------------------------------------------------
-# VQA: the official answer normalisation and accuracy (VQA v2 evaluation script, vqaEval.py)
+# VQA: the official accuracy, as the VQA v2 evaluation script vqaEval.py computes it:
+# https://github.com/GT-Vision-Lab/VQA/blob/master/PythonEvaluationTools/vqaEvaluation/vqaEval.py
+# The prediction is normalised fully (processPunctuation, then processDigitArticle); the annotators'
+# answers only get processPunctuation, and only when they are not all the same string.
 
 NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
-           "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+           "seven": "7", "eight": "8", "nine": "9", "ten": "10"}  # manualMap
 ARTICLES = {"a", "an", "the"}
-# the official table's single contractions (its keys are the forms without the apostrophe)
+# the official contraction table: its 75 single contractions keyed by the form without apostrophes ...
 CONTRACTIONS = {w.replace("'", ""): w for w in (
     "ain't aren't can't could've couldn't didn't doesn't don't hadn't hasn't haven't he'd he's how'd how'll "
     "how's isn't it'd it'll ma'am mightn't might've mustn't must've needn't not've o'clock oughtn't shan't "
@@ -230,38 +302,70 @@ CONTRACTIONS = {w.replace("'", ""): w for w in (
     "that's there'd there're there's they'd they'll they're they've 'twas wasn't we've weren't what'll "
     "what're what's what've when's where'd where's where've who'd who'll who's who've why'll why're why's "
     "won't would've wouldn't y'all you'd you'll you're you've").split()}
+# ... and its 45 other entries as they are: double contractions keyed by the forms missing one apostrophe,
+# two identities, "somebody'd" mapped the wrong way round, and capitalised keys that never match (the words
+# are lowercased first)
+CONTRACTIONS.update({
+    "couldn'tve": "couldn't've", "couldnt've": "couldn't've", "hadnt've": "hadn't've", "hadn'tve": "hadn't've",
+    "hed've": "he'd've", "he'dve": "he'd've", "Id've": "I'd've", "I'dve": "I'd've", "Im": "I'm", "Ive": "I've",
+    "itd've": "it'd've", "it'dve": "it'd've", "let's": "let's", "mightnt've": "mightn't've",
+    "mightn'tve": "mightn't've", "ow's'at": "'ow's'at", "'ows'at": "'ow's'at", "'ow'sat": "'ow's'at",
+    "shed've": "she'd've", "she'dve": "she'd've", "she's": "she's", "shouldnt've": "shouldn't've",
+    "shouldn'tve": "shouldn't've", "somebody'd": "somebodyd", "somebodyd've": "somebody'd've",
+    "somebody'dve": "somebody'd've", "someoned've": "someone'd've", "someone'dve": "someone'd've",
+    "somethingd've": "something'd've", "something'dve": "something'd've", "thered've": "there'd've",
+    "there'dve": "there'd've", "theyd've": "they'd've", "they'dve": "they'd've", "wed've": "we'd've",
+    "we'dve": "we'd've", "whod've": "who'd've", "who'dve": "who'd've", "wouldnt've": "wouldn't've",
+    "wouldn'tve": "wouldn't've", "yall'll": "y'all'll", "y'allll": "y'all'll", "yall'd've": "y'all'd've",
+    "y'alld've": "y'all'd've", "y'all'dve": "y'all'd've", "youd've": "you'd've", "you'dve": "you'd've"})
 PUNCT = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]
-COMMA_DIGITS = re.compile(r"(\d)(,)(\d)")
-# the official pattern is "(?!<=\d)(\.)(?!\d)": its look-behind is mistyped, so in effect it strips
-# every period not followed by a digit ("3.5" stays, "5." and "dog." lose theirs)
-PERIOD = re.compile(r"\.(?!\d)")
+COMMA_DIGITS = re.compile(r"(\d)(,)(\d)")  # commaStrip
+# periodStrip as written: its look-behind is mistyped ("(?!<=" is a look-ahead for "<="), so in effect it
+# strips every period not followed by a digit ("3.5" stays, "5." and "dog." lose theirs)
+PERIOD = re.compile(r"(?!<=\d)(\.)(?!\d)")
 
 
-def normalize_answer(s):
-    """An answer as the official VQA evaluation compares it: punctuation, lowercase, number words to
-    digits, articles dropped, apostrophes restored in contractions."""
-    s = s.replace("\n", " ").replace("\t", " ").strip()
-    strip_all = COMMA_DIGITS.search(s) is not None  # "1,000": every mark is deleted, not spaced out
+def process_punctuation(s):
+    """vqaEval.processPunctuation. Each mark is deleted when, in the ORIGINAL string, it touches a space
+    or a comma sits between digits ("1,000"), else replaced by a space ("t-shirt" -> "t shirt"). Then
+    periods not followed by a digit go, at most 32: the script passes re.UNICODE (32) where sub() takes
+    its count."""
+    out, delete = s, COMMA_DIGITS.search(s) is not None
     for p in PUNCT:
-        s = s.replace(p, "" if strip_all or p + " " in s or " " + p in s else " ")
-    s = PERIOD.sub("", s)
+        out = out.replace(p, "" if delete or p + " " in s or " " + p in s else " ")
+    return PERIOD.sub("", out, count=32)
+
+
+def process_digit_article(s):
+    """vqaEval.processDigitArticle: lowercase, number words to digits, articles dropped, then contractions."""
     words = [NUMBERS.get(w, w) for w in s.lower().split()]
     return " ".join(CONTRACTIONS.get(w, w) for w in words if w not in ARTICLES)
 
 
+def normalize_answer(s):
+    """An answer normalised as the official evaluation normalises a prediction: newlines and tabs to
+    spaces, strip, punctuation, lowercase, number words, articles, contractions. Also what the answer
+    list and the training targets are built from (build_answer_vocab, soft_targets)."""
+    return process_digit_article(process_punctuation(s.replace("\n", " ").replace("\t", " ").strip()))
+
+
 def vqa_accuracy(pred, answers):
     """Official VQA accuracy of one prediction against the annotators' answers, in [0, 1]: the mean over
-    the leave-one-annotator-out subsets of min(1, matches / 3). Both sides are normalised (the official
-    script skips that when all answers agree, which matters only for un-normalised predictions)."""
+    the leave-one-annotator-out subsets of min(1, matches / 3). As in vqaEval.py, the prediction is
+    normalised fully but the answers are compared as given, or only punctuation-processed when they
+    disagree: "t shirt" scores 0 against ten "t-shirt", "2" scores 0 against "two"."""
     if not answers:
         raise ValueError("no annotator answers to score against")
     pred = normalize_answer(pred)
-    hits = [normalize_answer(a) == pred for a in answers]
+    gts = [process_punctuation(a) for a in answers] if len(set(answers)) > 1 else answers
+    hits = [a == pred for a in gts]
     m = sum(hits)
     return sum(min(1.0, (m - h) / 3) for h in hits) / len(hits)
 
 
-SOFT_SCORE = (0.0, 0.3, 0.6, 0.9, 1.0)  # by matching annotators (0, 1, 2, 3, 4+): vqa_accuracy for 10
+# by matching annotators (0, 1, 2, 3, 4+ of 10): the leave-one-out accuracy with BOTH sides normalised, the
+# training target of METER/ViLT (not vqa_accuracy, which leaves the annotators' answers almost raw)
+SOFT_SCORE = (0.0, 0.3, 0.6, 0.9, 1.0)
 
 
 def soft_targets(answers, vocab):
@@ -292,15 +396,24 @@ def build_answer_vocab(rows, min_count=9):
 
 @torch.no_grad()
 def evaluate_vqa(model, tokenizer, rows, answers, batch_size=64, device="cpu", max_len=40, image_size=224,
-                 frames=4, workers=0):
+                 frames=4, workers=0, skip_bad=False, skipped=None, stop=None):
     """VQA rows -> (score in percent over the rows that have answers, or None; predictions).
 
     predictions are the VQA v2 submission format [{"question_id": int, "answer": str}], question_id
-    from the row or else its index."""
+    from the row or else its index. skip_bad: a question whose file cannot be read is left out of both
+    (its "file:line: why" appended to `skipped` when given) instead of raising DataError. stop: called
+    between batches; True raises Interrupted."""
+    for i, row in enumerate(rows):
+        if "question" not in row:
+            raise DataError(f"{row.get('jsonl', '?')}:{row.get('line', i + 1)}: no question (a retrieval file?)")
     device = torch.device(device)
     model.eval()
-    preds, accs = [], []
+    preds, accs, bad = [], [], skipped if skipped is not None else []
     for items in tqdm(_loader(rows, image_size, frames, batch_size, workers), desc="vqa", disable=None):
+        _check(stop)
+        items = _readable(items, skip_bad, bad)
+        if not items:
+            continue
         pixels = torch.stack([it["pixels"] for it in items]).to(device)       # (B, T, 3, S, S)
         ids, mask = (x.to(device) for x in tokenizer.encode([rows[it["index"]]["question"] for it in items],
                                                              max_len))
@@ -317,11 +430,21 @@ def evaluate_vqa(model, tokenizer, rows, answers, batch_size=64, device="cpu", m
 # pictures
 
 
-def load_clip(path, size, frames=4):
-    """An image or video file -> eval pixels (T, 3, size, size); the extension decides which."""
-    if os.path.splitext(path)[1].lower() in VIDEO_EXTS:
+def load_clip(path, size, frames=4, kind=None):
+    """An image or video file -> eval pixels (T, 3, size, size). kind: the row's "image" or "video"; None
+    (a bare path) tries the file as an image, then as a video. Never the extension: .ts, .flv, .3gp, ...
+    are videos that no list of extensions foresees."""
+    if kind == "video":
         return load_video(path, size, frames)[0]
-    return load_image(path, size)[0][None]
+    if kind == "image":
+        return load_image(path, size)[0][None]
+    try:
+        return load_clip(path, size, frames, "image")
+    except DataError as e:
+        try:
+            return load_clip(path, size, frames, "video")
+        except DataError as e2:
+            raise DataError(f"{path}: neither an image nor a video ({e}; {e2})") from None
 
 
 def to_pil(x):
@@ -330,11 +453,12 @@ def to_pil(x):
     return Image.fromarray((x.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy())
 
 
-def write_show_html(path, queries, ranked_paths, correct_paths, embed=False, thumb_size=224):
+def write_show_html(path, queries, ranked_paths, correct_paths, embed=False, thumb_size=224, kind="image"):
     """An HTML page: each text query with its top-5 retrieved images, the right one framed green with a ✓.
 
     Images are linked by relative path, or with embed=True embedded as base64 JPEG thumbnails (a page
-    that travels alone). Videos show their middle frame, saved as JPEG thumbnails beside the page."""
+    that travels alone). Videos show their middle frame, saved as JPEG thumbnails beside the page.
+    kind: "image" or "video", of every picture (a gallery never mixes them)."""
     out_dir = os.path.dirname(os.path.abspath(path))
     thumb_dir = os.path.splitext(os.path.abspath(path))[0] + "_thumbs"
     srcs = {}
@@ -342,10 +466,10 @@ def write_show_html(path, queries, ranked_paths, correct_paths, embed=False, thu
     def src(p):
         if p in srcs:
             return srcs[p]
-        if not embed and os.path.splitext(p)[1].lower() not in VIDEO_EXTS:
+        if not embed and kind == "image":
             rel = os.path.relpath(os.path.abspath(p), out_dir)
         else:
-            im = to_pil(load_clip(p, thumb_size, frames=1)[0])  # the eval centre crop (a video: middle frame)
+            im = to_pil(load_clip(p, thumb_size, 1, kind)[0])  # the eval centre crop (a video: middle frame)
             if embed:
                 buf = io.BytesIO()
                 im.save(buf, "JPEG", quality=85)
@@ -407,12 +531,12 @@ def heat_colors(a):
 
 
 def write_attention_png(model, tokenizer, image, caption, out_png, image_size=224, frames=4, max_len=40,
-                        alpha=0.6):
+                        alpha=0.6, kind=None):
     """Heat map of where the caption's CLS looks: the last text fusion layer's cross-attention, mean over
-    heads, on the patch grid of frame 0, blended over the (centre-cropped) image. image: a file path or
-    pixels (T, 3, S, S). Writes an S x S PNG (times
-    256 // S when S < 256) and returns the attention used, (heads, T*(1+N))."""
-    pixels = load_clip(image, image_size, frames) if isinstance(image, str) else image
+    heads, on the patch grid of frame 0, blended over the (centre-cropped) image. image: a file path (its
+    kind "image"/"video", or None to probe, see load_clip) or pixels (T, 3, S, S). Writes an S x S PNG
+    (times 256 // S when S < 256) and returns the attention used, (heads, T*(1+N))."""
+    pixels = load_clip(image, image_size, frames, kind) if isinstance(image, str) else image
     device = next(model.parameters()).device
     pixels = pixels.to(device)[None]                                       # (1, T, 3, S, S)
     ids, mask = (x.to(device) for x in tokenizer.encode([caption], max_len))
@@ -438,11 +562,54 @@ def write_attention_png(model, tokenizer, image, caption, out_png, image_size=22
 
 def print_retrieval(metrics):
     print(f"{'':10}{'R@1':>8}{'R@5':>8}{'R@10':>8}{'MedR':>8}")
-    for head, m in metrics.items():
+    for head in ("itc", "itm"):
+        if head not in metrics:
+            continue
+        m = metrics[head]
         for d in ("t2i", "i2t"):
             print(f"{head + ' ' + d:10}{m[f'{d}_r1']:8.2f}{m[f'{d}_r5']:8.2f}{m[f'{d}_r10']:8.2f}"
                   f"{m[f'{d}_medr']:8.1f}")
         print(f"{head + ' mean':10}{m['mean']:8.2f}")
+
+
+def check_flags(a):
+    """Every flag's value, checked before anything is loaded: SystemExit with one line for the first bad one."""
+    for flag, value, least in (("--batch-size", a.batch_size, 1), ("--limit", a.limit, 1), ("--workers", a.workers, 0),
+                               ("--image-size", a.image_size, 1), ("--frames", a.frames, 1),
+                               ("--max-len", a.max_len, 2), ("--k", getattr(a, "k", 0), 0),
+                               ("--show", getattr(a, "show", 0), 0)):
+        if value is not None and value < least:
+            raise SystemExit(f"{flag} must be at least {least} (got {value})")
+    m = re.fullmatch(r"auto|cpu|cuda(?::(\d+))?", a.device)
+    if m is None:
+        raise SystemExit(f"--device must be auto, cpu, cuda or cuda:N (got {a.device!r})")
+    if a.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {a.device}: CUDA is not available here (use --device cpu)")
+    if m.group(1) is not None and int(m.group(1)) >= torch.cuda.device_count():
+        raise SystemExit(f"--device {a.device}: there are {torch.cuda.device_count()} CUDA devices")
+    if a.out and a.out.endswith(".json"):  # --out of vqa once named the predictions file
+        raise SystemExit(f"--out {a.out}: --out is the folder for the result files; name the predictions with --preds")
+    if getattr(a, "attention_image", None) and not os.path.isfile(a.attention_image):
+        raise SystemExit(f"--attention-image {a.attention_image}: no such file")
+
+
+def check_writable(folder, fix):
+    """Make `folder` if needed and write a scratch file there, before hours of evaluation depend on it."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise SystemExit(f"cannot write results to {folder} ({e.strerror or e}): {fix}") from None
+
+
+def write_file(path, write):
+    """write(f) into path; an OSError is one line (the results are printed before anything is written)."""
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            write(f)
+    except OSError as e:
+        raise SystemExit(f"{path}: cannot write ({e.strerror or e}); the results are printed above") from None
 
 
 def main(argv=None):
@@ -450,6 +617,8 @@ def main(argv=None):
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--ckpt", required=True, help="checkpoint written by train.py")
     common.add_argument("--data", required=True, help="jsonl of the evaluation split")
+    common.add_argument("--out", help="folder for the result files, made if needed (default: the checkpoint's); "
+                        "files are named after the checkpoint and the data, e.g. eval_retrieval_best_coco_test.json")
     common.add_argument("--batch-size", type=int, default=64, help="clips, texts or fused pairs per forward")
     common.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     common.add_argument("--workers", type=int, default=4, help="data loading processes")
@@ -457,17 +626,33 @@ def main(argv=None):
     common.add_argument("--frames", type=int, help="frames per video (default: the checkpoint's)")
     common.add_argument("--max-len", type=int, help="text length in tokens (default: the checkpoint's)")
     common.add_argument("--limit", type=int, help="only the first N rows (a quick check)")
+    common.add_argument("--skip-bad", action="store_true",
+                        help="leave out rows whose image or video cannot be read (listed) instead of stopping")
     sub = p.add_subparsers(dest="task", required=True)
     r = sub.add_parser("retrieval", parents=[common], help="image/video-text retrieval, R@1/5/10 both ways")
     r.add_argument("--k", type=int, default=128, help="re-rank the ITC top k with ITM; 0 = ITC only")
     r.add_argument("--show", type=int, default=0, help="write an HTML page of N text queries and their top 5")
     r.add_argument("--embed", action="store_true", help="embed the --show pictures in the HTML (base64)")
     r.add_argument("--attention", nargs="+", metavar="CAPTION", help="write a cross-attention heat map per caption")
-    r.add_argument("--attention-image", help="image or video for --attention (default: the first of --data)")
+    r.add_argument("--attention-image", help="image or video for --attention (default: the first of --data); "
+                   "read as an image if it is one, else as a video")
     v = sub.add_parser("vqa", parents=[common], help="VQA score and predictions in the VQA v2 submission format")
-    v.add_argument("--out", help="predictions json (default: vqa_preds_<data>.json beside the checkpoint)")
+    v.add_argument("--preds", help="predictions json (default: vqa_preds_<checkpoint>_<data>.json in --out)")
     a = p.parse_args(argv)
 
+    check_flags(a)
+    out_dir = os.path.abspath(a.out or os.path.dirname(os.path.abspath(a.ckpt)))
+    check_writable(out_dir, "pass --out DIR")
+    if getattr(a, "preds", None):
+        check_writable(os.path.dirname(os.path.abspath(a.preds)), "pass --preds FILE in a writable folder")
+    try:
+        return evaluate(a, out_dir)
+    except (CheckpointError, DataError) as e:  # bad input: the message names the file; no traceback
+        raise SystemExit(" ".join(str(e).split())) from None
+
+
+def evaluate(a, out_dir):
+    """main() after its checks: load, evaluate, print, then write the files."""
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device)
     model, tokenizer, ckpt = load_model(a.ckpt, device)
     rows = read_jsonl(a.data)[:a.limit]
@@ -476,50 +661,71 @@ def main(argv=None):
     size = a.image_size or (rows[0]["kind"] == "video" and tc.get("video_size")) or tc.get("image_size") \
         or model.config.image_size
     frames, max_len = a.frames or tc.get("frames") or 4, a.max_len or tc.get("max_text_len") or 40
+    c = model.config
+    if size < c.patch_size:
+        raise SystemExit(f"--image-size {size} is smaller than the model's {c.patch_size} px patches")
+    positions = c.max_positions - (c.pad_token_id + 1 if c.text_kind == "roberta" else 0)
+    if max_len > positions:
+        raise SystemExit(f"--max-len {max_len}: the model's text encoder has {positions} positions")
     opts = dict(batch_size=a.batch_size, device=device, max_len=max_len, image_size=size, frames=frames,
-                workers=a.workers)
-    run_dir, name = os.path.dirname(os.path.abspath(a.ckpt)), os.path.splitext(os.path.basename(a.data))[0]
+                workers=a.workers, skip_bad=a.skip_bad)
+    name = "_".join(os.path.splitext(os.path.basename(f))[0] for f in (a.ckpt, a.data))  # e.g. best_coco_test
     results = dict(task=a.task, ckpt=os.path.abspath(a.ckpt), step=ckpt.get("step"), data=os.path.abspath(a.data),
-                   rows=len(rows), image_size=size, frames=frames, max_len=max_len)
+                   rows=len(rows), image_size=size, frames=frames, max_len=max_len,
+                   json=os.path.join(out_dir, f"eval_{a.task}_{name}.json"), skipped=[])
+
+    def save():
+        write_file(results["json"], lambda f: json.dump(results, f, indent=2))
+        return results["json"]
 
     if a.task == "retrieval":
-        metrics, scores = evaluate_retrieval(model, tokenizer, rows, k=a.k, **opts)
+        metrics, scores = evaluate_retrieval(model, tokenizer, rows, k=a.k, skipped=results["skipped"], **opts)
+        g, items = metrics["gallery"], scores["items"]
+        if g["items"] < g["rows"]:
+            print(f"merged {g['rows']} rows into {g['items']} gallery items (rows naming the same file)")
+        report_skipped(results["skipped"])
         print_retrieval(metrics)
-        results.update(k=a.k, texts=sum(len(row["captions"]) for row in rows), **metrics)
+        results.update(k=a.k, **metrics)
+        print(f"wrote {save()}")  # before the pictures: a picture that fails leaves the metrics on disk
         if a.show:
             final = scores.get("itm_t2i", scores["itc"])                  # (n_img, n_txt)
-            queries = [(i, c) for i, row in enumerate(rows) for c in row["captions"]]
+            queries = [(i, c) for i, item in enumerate(items) for c in item["captions"]]
             picked = np.linspace(0, len(queries) - 1, min(a.show, len(queries))).round().astype(int)
-            top = final.topk(min(5, len(rows)), dim=0).indices.t()          # (n_txt, 5)
-            html_path = os.path.join(run_dir, f"show_{name}.html")
-            write_show_html(html_path, [queries[q][1] for q in picked],
-                            [[rows[i]["path"] for i in top[q].tolist()] for q in picked],
-                            [rows[queries[q][0]]["path"] for q in picked], embed=a.embed)
-            results["show"] = html_path
-            print(f"wrote {html_path}")
+            top = final.topk(min(5, len(items)), dim=0).indices.t()        # (n_txt, 5)
+            results["show"] = os.path.join(out_dir, f"show_{name}.html")
+            write_show_html(results["show"], [queries[q][1] for q in picked],
+                            [[items[i]["path"] for i in top[q].tolist()] for q in picked],
+                            [items[queries[q][0]]["path"] for q in picked], embed=a.embed, kind=items[0]["kind"])
+            print(f"wrote {results['show']}")
         for n, caption in enumerate(a.attention or []):
-            png = os.path.join(run_dir, f"attention_{name}_{n}.png")
-            write_attention_png(model, tokenizer, a.attention_image or rows[0]["path"], caption, png,
-                                image_size=size, frames=frames, max_len=max_len)
+            png = os.path.join(out_dir, f"attention_{name}_{n}.png")
+            image, kind = (a.attention_image, None) if a.attention_image else (items[0]["path"], items[0]["kind"])
+            write_attention_png(model, tokenizer, image, caption, png, image_size=size, frames=frames,
+                                max_len=max_len, kind=kind)
             results.setdefault("attention", {})[png] = caption
             print(f"wrote {png}: {caption!r}")
+        if a.show or a.attention:
+            save()
     else:
         answers = ckpt.get("answers")
         if not answers or len(answers) != model.config.n_answers:
-            raise ValueError(f"{a.ckpt}: not a VQA checkpoint (its answer list does not match a VQA head)")
-        score, preds = evaluate_vqa(model, tokenizer, rows, answers, **opts)
-        out = a.out or os.path.join(run_dir, f"vqa_preds_{name}.json")
-        with open(out, "w") as f:
-            json.dump(preds, f)
-        results.update(vqa_score=score, predictions=os.path.abspath(out))
-        print(f"VQA score {score:.2f} on {len(rows)} questions" if score is not None
+            raise CheckpointError(f"{a.ckpt}: not a VQA checkpoint (its answer list does not match a VQA head)")
+        score, preds = evaluate_vqa(model, tokenizer, rows, answers, skipped=results["skipped"], **opts)
+        report_skipped(results["skipped"])
+        print(f"VQA score {score:.2f} ({len(preds)} questions)" if score is not None
               else f"no answers in {a.data}: predictions only")
-        print(f"wrote {out}")
-    path = os.path.join(run_dir, f"eval_{a.task}_{name}.json")
-    with open(path, "w") as f:
-        json.dump(results, f, indent=2)
-    print(f"wrote {path}")
+        results.update(vqa_score=score, predictions=os.path.abspath(a.preds or
+                                                                  os.path.join(out_dir, f"vqa_preds_{name}.json")))
+        write_file(results["predictions"], lambda f: json.dump(preds, f))
+        print(f"wrote {results['predictions']}\nwrote {save()}")
     return results
+
+
+def report_skipped(skipped, show=5):
+    if skipped:
+        print(f"skipped {len(skipped)} unreadable files (--skip-bad):", *skipped[:show], sep="\n  ")
+        if len(skipped) > show:
+            print(f"  ... and {len(skipped) - show} more (all in the results json)")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The pre-training losses of SCL as pure tensor functions (SPEC section 6).
+"""The pre-training losses of SCL as pure tensor functions (METHOD.md §6).
 
 Nothing here reads a config or touches a batch dict: model.forward decides which passes to run
 and calls these with tensors. Distributed training is handled by `gather`, which is the identity
@@ -34,7 +34,7 @@ def gather(x, grad=True):
     return torch.cat(parts, dim=0)
 
 
-def info_nce(a, b, scale, a_all=None, b_all=None, rank=0):
+def info_nce(a, b, scale, a_all=None, b_all=None, rank=0, ids=None, ids_all=None):
     """Symmetric InfoNCE between paired rows of a and b, with negatives from every rank.
 
     a, b: (B, D) L2-normalised, row i of a pairs with row i of b. a_all, b_all: (W*B, D), the same
@@ -43,18 +43,30 @@ def info_nce(a, b, scale, a_all=None, b_all=None, rank=0):
 
         L = CE(scale * a @ b_all^T, y) + CE(scale * b @ a_all^T, y),   y_i = rank * B + i
 
-    The sum of both directions is the SCL formula L(S) = CE(S/tau, I) + CE(S^T/tau, I) (SPEC 6.5);
+    The sum of both directions is the SCL formula L(S) = CE(S/tau, I) + CE(S^T/tau, I) (METHOD.md §6.4);
     for ITC the 0.5 weight in Config turns it into CLIP's mean of the two directions.
+
+    ids (B,), ids_all (W*B,): which image each row comes from. With them, every column of the same
+    image is a positive and the target spreads evenly over them (ALBEF's retrieval `sim_targets`):
+
+        L = -1/B sum_i sum_j y_ij log softmax(scale * a @ b_all^T)_ij + (the same for b, a_all),
+        y_ij = [ids_i == ids_all_j] / #{k : ids_i == ids_all_k}
+
+    which is the one-hot formula above when all ids differ.
     """
     a_all = a if a_all is None else a_all
     b_all = b if b_all is None else b_all
     labels = torch.arange(a.shape[0], device=a.device) + rank * a.shape[0]  # (B,)
+    if ids is not None:
+        same = (ids[:, None] == (ids if ids_all is None else ids_all)[None]).to(a.dtype)  # (B, W*B)
+        labels = same / same.sum(dim=1, keepdim=True)   # soft targets; a row always matches its own column
     return F.cross_entropy(scale * a @ b_all.t(), labels) + F.cross_entropy(scale * b @ a_all.t(), labels)
 
 
-def contrastive(a, b, scale):
-    """info_nce with both sides gathered from all ranks with gradients. a, b: (B, D)."""
-    return info_nce(a, b, scale, gather(a), gather(b), world()[0])
+def contrastive(a, b, scale, ids=None):
+    """info_nce with both sides gathered from all ranks with gradients. a, b: (B, D); ids (B,) or None."""
+    ids_all = None if ids is None else gather(ids, grad=False)
+    return info_nce(a, b, scale, gather(a), gather(b), world()[0], ids, ids_all)
 
 
 def semantic_completion(pred, target, temperature=0.03):
@@ -70,7 +82,7 @@ def semantic_completion(pred, target, temperature=0.03):
     return info_nce(pred, target, 1.0 / temperature, gather(pred), gather(target, grad=False), world()[0])
 
 
-def sample_hard_negatives(sim):
+def sample_hard_negatives(sim, ids=None):
     """Draw one hard negative per row and per column of a (B, B) similarity matrix.
 
     Row i of sim scores image i against every text; the negative text for image i is drawn from
@@ -78,12 +90,19 @@ def sample_hard_negatives(sim):
     text j from softmax(sim[:, j]) (ALBEF/BLIP hard negatives). Both draws are ONE batched
     torch.multinomial call: no Python loop over the batch, no host sync. Needs B >= 2.
 
+    ids (B,): the image of each pair. With them every pair of the same image is removed too (another
+    caption of image i is no negative for it; ALBEF's retrieval fine-tuning masks them the same way).
+    When the whole batch is one image nothing would be left: then only the diagonal is removed.
+
     Returns (neg_text_for_image (B,), neg_image_for_text (B,)) long indices.
     """
     B = sim.shape[0]
     logits = torch.cat([sim, sim.t()], dim=0).float()                 # (2B, B)
-    eye = torch.eye(B, dtype=torch.bool, device=sim.device).repeat(2, 1)
-    probs = logits.masked_fill(eye, float("-inf")).softmax(dim=-1)    # (2B, B), zero on positives
+    exclude = torch.eye(B, dtype=torch.bool, device=sim.device)      # (B, B)
+    if ids is not None:
+        same = ids[:, None] == ids[None]                              # (B, B), symmetric
+        exclude = torch.where(same.all(dim=1, keepdim=True), exclude, same)  # on the device: no sync
+    probs = logits.masked_fill(exclude.repeat(2, 1), float("-inf")).softmax(dim=-1)  # (2B, B), 0 on positives
     idx = torch.multinomial(probs, 1).squeeze(1)                      # (2B,)
     return idx[:B], idx[B:]
 

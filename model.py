@@ -1,6 +1,6 @@
 """SCL model: flexible ViT + BERT/RoBERTa text encoder + METER co-attention fusion + heads.
 
-`SCLModel.forward(batch)` runs every pre-training pass and returns the losses (SPEC section 6):
+`SCLModel.forward(batch)` runs every pre-training pass and returns the losses (METHOD.md §6):
 
     pass                      vision input      text input    fused pairs   feeds
     1-2 unimodal              full clips        full text     -             ITC, hard negatives
@@ -53,7 +53,8 @@ class Config:
     fusion_ffn: int = 3072
     embed_dim: int = 512            # ITC embedding size
     n_answers: int = 0              # > 0 adds the VQA head (fine-tuning)
-    # pre-training losses (SPEC 6): a weight of 0 skips the loss's passes
+    dropout: float = 0.1            # text encoder and fusion layers, where BERT/METER put it; none in the ViT
+    # pre-training losses (METHOD.md §6.6): a weight of 0 skips the loss's passes
     w_itc: float = 0.5
     w_itm: float = 1.0
     w_mlm: float = 1.0
@@ -67,7 +68,7 @@ CONFIGS = {
     # CPU demo and tests: 64 px images with 8 px patches, a trained WordPiece vocabulary
     "tiny": Config(vocab_size=4096, text_width=128, text_layers=2, text_heads=2, text_ffn=512, max_positions=64,
                    image_size=64, patch_size=8, vision_width=128, vision_layers=2, vision_heads=2,
-                   hidden=128, fusion_layers=2, fusion_heads=2, fusion_ffn=512, embed_dim=64),
+                   hidden=128, fusion_layers=2, fusion_heads=2, fusion_ffn=512, embed_dim=64, dropout=0.0),
     # a MiniLM-sized text encoder with a ViT-S/16-sized vision encoder
     "small": Config(text_width=384, text_layers=6, text_heads=12, text_ffn=1536, vision_width=384,
                     vision_layers=12, vision_heads=6, hidden=384, fusion_layers=3, fusion_heads=6,
@@ -84,19 +85,20 @@ class Block(nn.Module):
     other modality's states from the previous layer.
     """
 
-    def __init__(self, dim, heads, ffn, eps, cross=False):
+    def __init__(self, dim, heads, ffn, eps, cross=False, dropout=0.0):
         super().__init__()
-        self.attn, self.ln1 = Attention(dim, heads), nn.LayerNorm(dim, eps=eps)
-        self.cross = Attention(dim, heads) if cross else None
+        self.attn, self.ln1 = Attention(dim, heads, dropout=dropout), nn.LayerNorm(dim, eps=eps)
+        self.cross = Attention(dim, heads, dropout=dropout) if cross else None
         self.ln_cross = nn.LayerNorm(dim, eps=eps) if cross else None
         self.mlp, self.ln2 = MLP(dim, ffn, nn.GELU()), nn.LayerNorm(dim, eps=eps)
+        self.drop = nn.Dropout(dropout)  # on each sublayer's output, before the residual add (BERT)
 
     def forward(self, x, mask=None, other=None, other_mask=None):
         """x (B, L, D), mask (B, L) bool or None; other (B, S, D), other_mask (B, S) or None."""
-        x = self.ln1(x + self.attn(x, key_mask=mask))
+        x = self.ln1(x + self.drop(self.attn(x, key_mask=mask)))
         if self.cross is not None:
-            x = self.ln_cross(x + self.cross(x, context=other, key_mask=other_mask))
-        return self.ln2(x + self.mlp(x))
+            x = self.ln_cross(x + self.drop(self.cross(x, context=other, key_mask=other_mask)))
+        return self.ln2(x + self.drop(self.mlp(x)))
 
 
 class TextEncoder(nn.Module):
@@ -109,7 +111,8 @@ class TextEncoder(nn.Module):
         self.pos = nn.Embedding(c.max_positions, c.text_width)
         self.token_type = nn.Embedding(c.type_vocab_size, c.text_width)
         self.ln = nn.LayerNorm(c.text_width, eps=c.text_eps)
-        self.layers = nn.ModuleList(Block(c.text_width, c.text_heads, c.text_ffn, c.text_eps)
+        self.drop = nn.Dropout(c.dropout)
+        self.layers = nn.ModuleList(Block(c.text_width, c.text_heads, c.text_ffn, c.text_eps, dropout=c.dropout)
                                     for _ in range(c.text_layers))
         self.grad_checkpointing = False
 
@@ -119,7 +122,7 @@ class TextEncoder(nn.Module):
             pos = mask.long().cumsum(1) * mask.long() + self.pad
         else:
             pos = torch.arange(ids.shape[1], device=ids.device)[None]
-        x = self.ln(self.word(ids) + self.pos(pos) + self.token_type.weight[0])
+        x = self.drop(self.ln(self.word(ids) + self.pos(pos) + self.token_type.weight[0]))
         for layer in self.layers:
             x = checkpoint(layer, x, mask, use_reentrant=False) if self.grad_checkpointing and self.training \
                 else layer(x, mask)
@@ -127,7 +130,7 @@ class TextEncoder(nn.Module):
 
 
 class ITCHead(nn.Module):
-    """H -> H -> LayerNorm -> GELU -> embed_dim, L2-normalised (SPEC 5)."""
+    """H -> H -> LayerNorm -> GELU -> embed_dim, L2-normalised (METHOD.md §5)."""
 
     def __init__(self, dim, out):
         super().__init__()
@@ -161,9 +164,9 @@ class SCLModel(nn.Module):
         self.text = TextEncoder(c)
         self.text_in, self.vision_in = nn.Linear(c.text_width, H), nn.Linear(c.vision_width, H)
         self.modality = nn.Embedding(2, H)  # token type of the fusion: text 0, vision 1
-        self.text_fusion = nn.ModuleList(Block(H, c.fusion_heads, c.fusion_ffn, c.text_eps, cross=True)
+        self.text_fusion = nn.ModuleList(Block(H, c.fusion_heads, c.fusion_ffn, c.text_eps, True, c.dropout)
                                          for _ in range(c.fusion_layers))
-        self.vision_fusion = nn.ModuleList(Block(H, c.fusion_heads, c.fusion_ffn, c.text_eps, cross=True)
+        self.vision_fusion = nn.ModuleList(Block(H, c.fusion_heads, c.fusion_ffn, c.text_eps, True, c.dropout)
                                            for _ in range(c.fusion_layers))
         self.text_pool = nn.Sequential(nn.Linear(H, H), nn.Tanh())
         self.vision_pool = nn.Sequential(nn.Linear(H, H), nn.Tanh())
@@ -185,7 +188,7 @@ class SCLModel(nn.Module):
         learns at every width. The exceptions:
         - LayerNorm: weight 1, bias 0;
         - CLIP's class and position embeddings: normal with std width^-0.5;
-        - the temporal embedding: zeros (SPEC 2);
+        - the temporal embedding: zeros (METHOD.md §2.2);
         - the logit scale: log(1 / itc_temperature).
         Pretrained weights loaded afterwards replace the encoders'."""
         for m in self.modules():
@@ -218,7 +221,7 @@ class SCLModel(nn.Module):
         return self.text_in(self.text(ids, mask))
 
     def fuse(self, t, mask, v):
-        """Co-attention (SPEC 4). t (B, L, H), mask (B, L), v (B, T, K, H) -> same shapes, fused.
+        """Co-attention (METHOD.md §4). t (B, L, H), mask (B, L), v (B, T, K, H) -> same shapes, fused.
 
         Both stacks update in parallel from the previous layer's outputs. Only attention over text
         keys needs a mask; vision tokens are never padded.
@@ -264,13 +267,16 @@ class SCLModel(nn.Module):
     # -- training ----------------------------------------------------------------------------------
 
     def forward(self, batch):
-        """batch: pixels (B, T, 3, H, W), text_ids/text_mask/mlm_ids/mlm_labels/scl_ids (B, L); for VQA
-        fine-tuning vqa_targets (B, n_answers) instead of the masked texts. Returns the loss dict."""
+        """batch: pixels (B, T, 3, H, W), text_ids/text_mask/mlm_ids/mlm_labels/scl_ids (B, L), and
+        optionally image_ids (B,): the image each caption describes, so that two captions of one image
+        are no negatives of each other in ITC and ITM. For VQA fine-tuning vqa_targets (B, n_answers)
+        instead of the masked texts. Returns the loss dict."""
         if "vqa_targets" in batch:
             loss = vqa_loss(self.vqa_logits(batch["pixels"], batch["text_ids"], batch["text_mask"]),
                             batch["vqa_targets"])
             return {"loss": loss, "vqa": loss.detach()}
         c, pixels, ids, mask = self.config, batch["pixels"], batch["text_ids"], batch["text_mask"]
+        image_ids = batch.get("image_ids")                                       # (B,) or None: all different
         B = ids.shape[0]
         v = self.embed_vision(pixels)                                            # (B, T, 1+N, H)
         # one text-encoder call for the full, MLM-masked and SCL-masked texts
@@ -282,10 +288,10 @@ class SCLModel(nn.Module):
         if c.w_itc or c.w_itm:
             img, txt = self.itc_vision(self.vision_global(v)), self.itc_text(t[:, 0])  # (B, E) each
             scale = self.logit_scale.exp()
-            out["itc"] = contrastive(img.float(), txt.float(), scale)
+            out["itc"] = contrastive(img.float(), txt.float(), scale, image_ids)
         if c.w_itm and B >= 2:  # a hard negative needs another pair in the batch
             with torch.no_grad():
-                neg_t, neg_v = sample_hard_negatives(scale * img @ txt.t())     # (B,), (B,)
+                neg_t, neg_v = sample_hard_negatives(scale * img @ txt.t(), image_ids)  # (B,), (B,)
             # positives, (image i, its hard negative text), (hard negative image, text j)
             t3, m3 = torch.cat([t, t[neg_t], t]), torch.cat([mask, mask[neg_t], mask])  # (3B, L, H)
             v3 = torch.cat([v, v, v[neg_v]])                                         # (3B, T, 1+N, H)

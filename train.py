@@ -2,11 +2,13 @@
 
     python train.py                                   # tiny model on the built-in demo data, CPU, minutes
     python train.py --data coco.jsonl --video-data webvid.jsonl --config base \
-        --text roberta-base/ --vision ViT-B-16.pt     # the paper's recipe (SPEC 9)
+        --text roberta-base/ --vision ViT-B-16.pt     # the paper's recipe (METHOD.md §9)
     torchrun --nproc_per_node 8 train.py ...          # multi-GPU / multi-node
-    python train.py --task retrieval --init runs/demo/last.pt ...   # fine-tuning (SPEC 7)
+    python train.py --task retrieval --init runs/demo/last.pt ...   # fine-tuning (METHOD.md §7)
 """
 import argparse
+import errno
+import fcntl
 import inspect
 import json
 import math
@@ -23,22 +25,26 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from data import Collator, DataError, PairDataset, Tokenizer, make_demo, read_jsonl
-from eval import build_answer_vocab, evaluate_retrieval, evaluate_vqa, soft_targets
-from model import CONFIGS, Config, SCLModel
+from eval import Interrupted, build_answer_vocab, evaluate_retrieval, evaluate_vqa, soft_targets
+from model import CONFIGS, Config, SCLModel, text_config
+
+
+TASKS = ("pretrain", "retrieval", "vqa")
 
 
 @dataclass
 class TrainConfig:
     data: str = ""                # image-text (or VQA) jsonl; empty: the built-in demo set
     video_data: str = ""          # video-text jsonl, mixed with the image batches
-    val_data: str = ""            # validation jsonl; empty: the demo's (or none)
+    val_data: str = ""            # validation jsonl (images, videos or both, each at its own size); empty: the demo's
     out: str = "runs/demo"        # run folder: last.pt, best.pt, metrics.jsonl, tokenizer
+    overwrite: bool = False       # start afresh in an --out that holds an earlier run (its checkpoints are deleted)
     config: str = "tiny"          # model preset: tiny, small, base
     text: str = ""                # Hugging Face BERT/RoBERTa folder (weights + tokenizer)
     vision: str = ""              # CLIP weights: OpenAI .pt or Hugging Face .safetensors/.bin
-    init: str = ""                # start from this checkpoint's weights (fine-tuning)
+    init: str = ""                # start from this checkpoint's weights (fine-tuning); not its loss weights
     task: str = "pretrain"        # pretrain | retrieval (ITC + ITM) | vqa
-    resume: bool = False          # continue exactly from <out>/last.pt
+    resume: bool = False          # continue exactly from <out>/last.pt with the run's saved settings
     steps: int = 200              # optimiser steps
     batch_size: int = 32          # per rank and micro-step
     video_batch_size: int = 0     # 0: same as batch_size
@@ -50,10 +56,10 @@ class TrainConfig:
     warmup: float = 0.1           # fraction of steps of linear warm-up, then linear decay to 0
     beta2: float = 0.98           # AdamW beta2 (beta1 is 0.9)
     clip_grad: float = 1.0        # max gradient norm; 0 disables
-    w_itc: float = -1.0           # ITC loss weight; -1 keeps the model config's (0.5); 0 skips its passes
-    w_itm: float = -1.0           # ITM loss weight; -1 keeps the model config's (1)
-    w_mlm: float = -1.0           # MLM loss weight; -1 keeps the model config's (1)
-    w_scl: float = -1.0           # SCL (MVSC + MLSC) loss weight; -1 keeps the model config's (1)
+    w_itc: float = -1.0           # ITC loss weight; -1 keeps the task's (0.5); 0 skips its passes
+    w_itm: float = -1.0           # ITM loss weight; -1 keeps the task's (1)
+    w_mlm: float = -1.0           # MLM loss weight; -1 keeps the task's (1 in pre-training)
+    w_scl: float = -1.0           # SCL (MVSC + MLSC) loss weight; -1 keeps the task's (1 in pre-training)
     image_mask_ratio: float = -1.0  # MVSC patch drop ratio; -1 keeps the model config's (0.8)
     image_size: int = 0           # training/eval image size; 0: the model's pretraining grid (paper: 288)
     video_size: int = 0           # 0: image_size (paper: 224)
@@ -61,6 +67,7 @@ class TrainConfig:
     max_text_len: int = 40        # text length in tokens, [CLS] and [SEP] included
     vocab_size: int = 4096        # WordPiece vocabulary trained on the captions when --text is not given
     min_answer_count: int = 9     # VQA answer vocabulary: answers seen at least this often
+    answer_data: tuple = ()       # VQA: jsonl files whose answers build the vocabulary (default: --data; paper: train + val)
     workers: int = 2              # DataLoader workers per rank
     seed: int = 0                 # seeds the model's initialisation, data order and augmentation
     eval_every: int = 200         # validation every N steps (0: only before and after)
@@ -69,22 +76,89 @@ class TrainConfig:
     log_every: int = 10           # append losses to metrics.jsonl every N steps
     max_bad_steps: int = 20       # stop after this many non-finite steps in a row
     skip_bad: bool = False        # skip (and count) unreadable samples instead of stopping
-    device: str = "auto"          # auto, cpu, cuda
+    device: str = "auto"          # auto, cpu, cuda or cuda:N
     compile: bool = False         # torch.compile the model
     grad_checkpointing: bool = False  # recompute activations in the backward pass to save memory
 
 
-def parse_args(argv=None):
-    """argparse over TrainConfig: one flag per field, its comment above as the help."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+CHOICES = {"task": TASKS, "config": tuple(CONFIGS)}
+# what may differ on --resume; everything else is the run's and is restored from the checkpoint
+RESUMABLE = {"steps", "workers", "eval_every", "save_every", "log_every", "max_bad_steps", "skip_bad", "device",
+             "compile", "grad_checkpointing", "resume", "out"}
+
+
+def _parser(given_only=False):
+    """argparse over TrainConfig: one flag per field, its comment as the help. given_only: no defaults,
+    so the namespace holds just the flags on the command line."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                argument_default=argparse.SUPPRESS if given_only else None)
     comments = dict(re.findall(r"^    (\w+): \w+ = .*?# (.*)$", inspect.getsource(TrainConfig), re.M))
     for f in fields(TrainConfig):
         flag, help = "--" + f.name.replace("_", "-"), comments.get(f.name, f.name)
+        kw = {} if given_only else dict(default=f.default)
         if f.type in (bool, "bool"):
-            p.add_argument(flag, action="store_true", help=help)
+            p.add_argument(flag, action="store_true", help=help, **kw)
+        elif f.type in (tuple, "tuple"):
+            p.add_argument(flag, nargs="+", type=str, metavar="JSONL", help=f"{help} (default: none)", **kw)
         else:
-            p.add_argument(flag, type=type(f.default), default=f.default, help=f"{help} (default: {f.default!r})")
-    return TrainConfig(**vars(p.parse_args(argv)))
+            p.add_argument(flag, type=type(f.default), choices=CHOICES.get(f.name),
+                           help=f"{help} (default: {f.default!r})", **kw)
+    return p
+
+
+def parse_args(argv=None):
+    cfg = _parser().parse_args(argv)
+    return TrainConfig(**dict(vars(cfg), answer_data=tuple(cfg.answer_data)))
+
+
+def given_flags(argv):
+    """The TrainConfig fields set on the command line (or, for a TrainConfig, those not at their default)."""
+    if isinstance(argv, TrainConfig):
+        return {f.name for f in fields(TrainConfig) if getattr(argv, f.name) != f.default}
+    return set(vars(_parser(given_only=True).parse_args(argv)))
+
+
+def check_flags(cfg):
+    """Every flag that does not depend on the model, at start-up, one line each."""
+    def need(ok, flag, why):
+        if not ok:
+            raise SystemExit(f"--{flag.replace('_', '-')} {getattr(cfg, flag)}: {why}")
+    for name in ("steps", "batch_size", "grad_accum", "frames", "save_every", "log_every", "max_bad_steps",
+                 "min_answer_count"):
+        need(getattr(cfg, name) >= 1, name, "must be at least 1")
+    for name in ("video_batch_size", "workers", "eval_every", "val_k", "weight_decay", "clip_grad"):
+        need(getattr(cfg, name) >= 0, name, "must be 0 or more")
+    need(cfg.lr > 0, "lr", "must be positive")
+    need(cfg.head_lr_mult > 0, "head_lr_mult", "must be positive")
+    need(0 < cfg.beta2 < 1, "beta2", "must lie in (0, 1)")
+    need(0 <= cfg.warmup <= 1, "warmup", "is a fraction of the steps, in [0, 1]")
+    need(0 <= cfg.video_ratio <= 1, "video_ratio", "is a fraction of the micro-steps, in [0, 1]")
+    for name in ("w_itc", "w_itm", "w_mlm", "w_scl"):
+        need(getattr(cfg, name) >= 0 or getattr(cfg, name) == -1, name, "must be 0 or more (-1: the task's)")
+    need(cfg.image_mask_ratio == -1 or 0 <= cfg.image_mask_ratio < 1, "image_mask_ratio",
+         "is the fraction of patches dropped, in [0, 1) (-1: the model's)")
+    need(cfg.max_text_len >= 3, "max_text_len", "needs room for [CLS], one word and [SEP] (at least 3)")
+    need(cfg.vocab_size >= 16, "vocab_size", "must be at least 16")
+    for name in ("image_size", "video_size"):
+        need(getattr(cfg, name) >= 0, name, "must be positive (0: the default)")
+    need(re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device) is not None, "device", "must be auto, cpu, cuda or cuda:N")
+    if cfg.device.startswith("cuda"):
+        need(torch.cuda.is_available(), "device", "CUDA is not available on this machine")
+        index = int(cfg.device.split(":")[1]) if ":" in cfg.device else 0
+        need(index < torch.cuda.device_count(), "device", f"this machine has {torch.cuda.device_count()} CUDA devices")
+    need(not (cfg.resume and cfg.overwrite), "overwrite", "and --resume contradict each other")
+
+
+def check_model_flags(cfg, config):
+    """The flags whose valid range depends on the model."""
+    positions = config.max_positions - (config.pad_token_id + 1 if config.text_kind == "roberta" else 0)
+    if cfg.max_text_len > positions:
+        raise SystemExit(f"--max-text-len {cfg.max_text_len}: the text encoder has {positions} positions")
+    p = config.patch_size
+    for name in ("image_size", "video_size"):
+        size = getattr(cfg, name)
+        if size and (size < p or size % p):
+            raise SystemExit(f"--{name.replace('_', '-')} {size}: must be a multiple of the patch size {p}")
 
 
 # -- data -------------------------------------------------------------------------------------------
@@ -104,31 +178,63 @@ class Stream(torch.utils.data.Sampler):
             raise ValueError(f"{n} samples cannot fill one global batch of {batch} x {world} ranks")
 
     def __iter__(self):
-        b = self.seen
+        b, epoch, perm = self.seen, None, None
         while True:
-            epoch, pos = divmod(b, self.per_epoch)
-            perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+            e, pos = divmod(b, self.per_epoch)
+            if e != epoch:  # one permutation per epoch (10M samples: ~1 s), not one per batch
+                epoch, perm = e, torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + e))
             start = (pos * self.world + self.rank) * self.batch
-            yield [(epoch, i) for i in perm[start:start + self.batch]]
+            yield [(epoch, i) for i in perm[start:start + self.batch].tolist()]
             b += 1
 
 
 class Epoched(torch.utils.data.Dataset):
-    """PairDataset addressed by (epoch, index), so augmentations differ by epoch in every worker."""
+    """PairDataset addressed by (epoch, index), so augmentations differ by epoch in every worker.
 
-    def __init__(self, ds):
-        self.ds = ds
+    With skip_bad, an unreadable sample is replaced by the next readable one of the data set (i + 1,
+    i + 2, ...: deterministic, so a resumed run sees the same batches), and the replacement carries
+    the reasons: every batch keeps its size, so DDP ranks stay in step and the gathered losses keep
+    their shapes. Without skip_bad the error travels to the main process as {"error": why}, which
+    stops the run naming the file and line (an exception raised in a worker would arrive with the
+    worker's traceback glued into its message)."""
+
+    def __init__(self, ds, skip_bad=False, max_replaced=100):
+        self.ds, self.skip_bad, self.max_replaced = ds, skip_bad, max_replaced
 
     def __len__(self):
         return len(self.ds)
 
     def __getitem__(self, key):
         self.ds.epoch, i = key
-        return self.ds[i]
+        bad = []
+        for k in range(self.max_replaced):
+            try:
+                item = self.ds[(i + k) % len(self.ds)]
+            except DataError as e:
+                return {"error": str(e)}
+            if "bad" not in item:  # one skip per drawn sample (candidates tried after it do not count)
+                return dict(item, replaced=bad[:1])
+            bad.append(item["bad"])
+        return {"error": f"{self.max_replaced} samples in a row had no readable file, from {bad[0]} to {bad[-1]}"}
+
+
+class TrainCollator:
+    """The data collator (or the VQA one) plus the replaced samples' reasons; a sample's error wins."""
+
+    def __init__(self, collate):
+        self.collate = collate
+
+    def __call__(self, samples):
+        errors = [s["error"] for s in samples if "error" in s]
+        if errors:
+            return {"error": errors[0]}
+        batch = self.collate(samples)
+        batch["skipped"] = [why for s in samples for why in s["replaced"]]
+        return batch
 
 
 class VQACollator:
-    """The text collator plus soft answer targets (SPEC 7) for VQA fine-tuning."""
+    """The text collator plus soft answer targets for VQA fine-tuning (METHOD.md §7)."""
 
     def __init__(self, collate, answers):
         self.collate, self.answers = collate, answers
@@ -142,13 +248,20 @@ class VQACollator:
         return batch
 
 
-def loader(rows, cfg, collate, size, frames, batch, rank, world, seen):
-    ds = PairDataset(rows, image_size=size, frames=frames, train=True, seed=cfg.seed, skip_bad=cfg.skip_bad)
+def ignore_signals(worker_id):
+    """DataLoader workers leave SIGTERM/SIGINT to the main process: a scheduler signals the whole
+    process group, and a worker that died of it would take the run down before it could save."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def loader(ds, cfg, collate, batch, rank, world, seen):
     stream = Stream(len(ds), batch, rank, world, cfg.seed, seen)
     # the loader's own generator keeps worker seeding off the global RNG (exact resume)
-    dl = torch.utils.data.DataLoader(Epoched(ds), batch_sampler=stream, collate_fn=collate,
-                                     num_workers=cfg.workers, pin_memory=torch.cuda.is_available(),
-                                     persistent_workers=cfg.workers > 0, generator=torch.Generator())
+    dl = torch.utils.data.DataLoader(Epoched(ds, cfg.skip_bad), batch_sampler=stream,
+                                     collate_fn=TrainCollator(collate), num_workers=cfg.workers,
+                                     pin_memory=torch.cuda.is_available(), persistent_workers=cfg.workers > 0,
+                                     generator=torch.Generator(), worker_init_fn=ignore_signals)
     return iter(dl)
 
 
@@ -160,7 +273,7 @@ def is_video_step(i, ratio):
 # -- optimisation ------------------------------------------------------------------------------------
 
 def param_groups(model, cfg):
-    """AdamW groups (SPEC 9): encoders at lr, fusion and heads at lr x head_lr_mult; no weight decay
+    """AdamW groups (METHOD.md §9): encoders at lr, fusion and heads at lr x head_lr_mult; no weight decay
     on biases, norms, embeddings and the temperature."""
     no_decay = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
     no_decay |= {id(p) for p in (model.vision.cls, model.vision.pos, model.vision.temporal, model.logit_scale)}
@@ -185,8 +298,8 @@ def lr_factor(step, cfg):
 # -- checkpoints ------------------------------------------------------------------------------------
 
 def save_checkpoint(path, state):
-    """Write atomically: a temp file in the same folder, fsync, rename. A crash mid-write leaves
-    the previous checkpoint as it was."""
+    """Write atomically: a temp file in the same folder, fsync, rename. A crash mid-write leaves the
+    previous checkpoint as it was. A failed write raises SystemExit with one line saying so."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
@@ -194,31 +307,165 @@ def save_checkpoint(path, state):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        # torch.save reports a short write (a full disk) as "unexpected pos" from its zip writer
+        full = getattr(e, "errno", None) == errno.ENOSPC or "unexpected pos" in str(e)
+        why = "no space left on device" if full else f"{type(e).__name__}: {e}"
+        raise SystemExit(f"{why} while writing {path}; the previous checkpoint is intact") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
 def load_checkpoint(path):
+    """A checkpoint written by this script (a plain state dict is refused with one line)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise SystemExit(f"{path}: checkpoint not found") from None
     except Exception as e:
         raise SystemExit(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
+    if not isinstance(ckpt, dict) or not {"model", "config", "tokenizer"} <= ckpt.keys():
+        raise SystemExit(f"{path}: not an SCL checkpoint (no model/config/tokenizer; a plain state dict "
+                         f"cannot say which model and tokenizer it belongs to)")
+    return ckpt
 
+# -- the run folder ---------------------------------------------------------------------------------
+
+
+RUN_FILES = ("last.pt", "best.pt", "nonfinite.pt", "metrics.jsonl", "tokenizer.json")
+
+
+def _holder(lock_path):
+    """The pid written in a held lock file, for the message."""
+    try:
+        with open(lock_path) as f:
+            return f.read().strip() or "?"
+    except OSError:
+        return "?"
+
+
+def check_unlocked(out):
+    """Refuse early (before reading anything of the folder) when another run holds it."""
+    path = os.path.join(out, ".lock")
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SystemExit(f"another run (pid {_holder(path)}) is using {out}: wait for it or choose "
+                             f"another --out") from None
+
+
+def claim_run_folder(cfg, ckpt_step):
+    """Create --out and hold an exclusive lock on it for the run's lifetime (rank 0, after every start-up
+    check). Refuses a folder that holds an earlier run unless --resume or --overwrite; removes the temp
+    files of saves that were killed; on resume drops the metrics logged after the checkpoint.
+    Returns the open lock file (closing it releases the lock)."""
+    os.makedirs(cfg.out, exist_ok=True)
+    lock_path = os.path.join(cfg.out, ".lock")
+    lock = open(lock_path, "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise SystemExit(f"another run (pid {_holder(lock_path)}) is using {cfg.out}: wait for it or choose "
+                         f"another --out") from None
+    lock.truncate(0)
+    lock.write(str(os.getpid()))
+    lock.flush()
+    used = [f for f in ("last.pt", "best.pt", "nonfinite.pt") if os.path.exists(os.path.join(cfg.out, f))]
+    if used and not cfg.resume and not cfg.overwrite:
+        lock.close()
+        raise SystemExit(f"{cfg.out} holds an earlier run ({', '.join(used)}): continue it with --resume, "
+                         f"choose another --out, or pass --overwrite to replace it")
+    for name in os.listdir(cfg.out):
+        m = re.fullmatch(r".+\.tmp(\d+)", name)
+        if m and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
+            os.remove(os.path.join(cfg.out, name))
+            print(f"removed {os.path.join(cfg.out, name)}: a temp file of process {m.group(1)}, which was killed "
+                  f"while saving")
+    if cfg.overwrite:
+        for name in RUN_FILES:
+            if os.path.exists(os.path.join(cfg.out, name)):
+                os.remove(os.path.join(cfg.out, name))
+    metrics = os.path.join(cfg.out, "metrics.jsonl")
+    if cfg.resume and os.path.exists(metrics):  # what was logged after the checkpoint is done again
+        with open(metrics) as f:
+            lines = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= ckpt_step]
+        with open(metrics + ".tmp", "w") as f:
+            f.writelines(lines + [json.dumps({"step": ckpt_step, "resumed": True}) + "\n"])
+        os.replace(metrics + ".tmp", metrics)
+    return lock
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def resume_settings(cfg, given, saved):
+    """The run's saved TrainConfig, with the few flags that may change on resume taken from the command
+    line. A flag given with a value different from the run's is an error."""
+    known = {f.name for f in fields(TrainConfig)}
+    saved = TrainConfig(**{k: tuple(v) if k == "answer_data" else v for k, v in saved.items() if k in known})
+    for name in sorted(given - RESUMABLE):
+        if getattr(cfg, name) != getattr(saved, name):
+            raise SystemExit(f"--{name.replace('_', '-')} {getattr(cfg, name)!r} differs from the run's "
+                             f"{getattr(saved, name)!r}: --resume keeps the run's settings (only "
+                             f"{', '.join('--' + n.replace('_', '-') for n in sorted(RESUMABLE - {'resume', 'out'}))} "
+                             f"may change)")
+    changed = {n: getattr(cfg, n) for n in sorted(given & RESUMABLE - {"out", "resume"})
+               if getattr(cfg, n) != getattr(saved, n)}
+    return replace(saved, **changed, out=cfg.out, resume=True, overwrite=False), changed
 
 # -- the run ----------------------------------------------------------------------------------------
 
+
 def setup_distributed(cfg):
     """(rank, world, device); torchrun sets RANK/WORLD_SIZE/LOCAL_RANK."""
-    cuda = torch.cuda.is_available() if cfg.device == "auto" else cfg.device == "cuda"
+    cuda = torch.cuda.is_available() if cfg.device == "auto" else cfg.device.startswith("cuda")
     if "RANK" in os.environ and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     if cuda:
-        local = int(os.environ.get("LOCAL_RANK", 0))
+        local = int(os.environ["LOCAL_RANK"]) if "LOCAL_RANK" in os.environ else \
+            int(cfg.device.split(":")[1]) if ":" in cfg.device else 0
         torch.cuda.set_device(local)
         return rank, world, torch.device("cuda", local)
     return rank, world, torch.device("cpu")
+
+
+class Agreement:
+    """Decisions every rank must take together (stop, a failed save, bad data on one rank): one tiny
+    all-reduce (max) over a gloo group on the CPU, so it never waits for the GPU."""
+
+    def __init__(self, world):
+        self.group = dist.new_group(backend="gloo") if world > 1 else None
+
+    def __call__(self, code):
+        if self.group is None:
+            return code
+        x = torch.tensor([code], dtype=torch.int64)
+        dist.all_reduce(x, op=dist.ReduceOp.MAX, group=self.group)
+        return int(x)
+
+    def gather(self, obj):
+        """[obj of every rank]"""
+        if self.group is None:
+            return [obj]
+        out = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
+
+
+STOP, SAVE_FAILED, BAD_DATA = 1, 2, 4  # bits of the agreed code
 
 
 def read_rows(path, cfg, skipped):
@@ -233,25 +480,40 @@ def read_rows(path, cfg, skipped):
 def main(argv=None):
     """Train; returns the (unwrapped) model. argv: a list of flags, or a TrainConfig."""
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    to_close = []  # the run folder's lock and log
     try:
-        return _main(argv)
-    finally:  # also when the run stops with an error: the caller's SIGTERM/SIGINT handlers come back
+        return _main(argv, to_close)
+    finally:  # also when the run stops with an error: the caller's handlers come back, the folder is freed
         for s, h in handlers.items():
             signal.signal(s, h)
+        for f in to_close:
+            f.close()
 
 
-def _main(argv=None):
+def _main(argv, to_close):
     cfg = parse_args(argv) if not isinstance(argv, TrainConfig) else argv
+    given = given_flags(argv)
+    check_flags(cfg)
     rank, world, device = setup_distributed(cfg)
     master = rank == 0
-    torch.manual_seed(cfg.seed)
-    os.makedirs(cfg.out, exist_ok=True)
-    log = open(os.path.join(cfg.out, "metrics.jsonl"), "a") if master else None
+    agree = Agreement(world)
+    check_unlocked(cfg.out)
 
-    def record(entry):
-        if log:
-            log.write(json.dumps(entry) + "\n")
-            log.flush()
+    # the checkpoint to resume or start from; on resume the run's own settings come back
+    last = os.path.join(cfg.out, "last.pt")
+    ckpt = None
+    if cfg.resume:
+        if not os.path.exists(last):
+            raise SystemExit(f"--resume: no checkpoint at {last}")
+        ckpt = load_checkpoint(last)
+        cfg, changed = resume_settings(cfg, given, ckpt.get("train_config") or {})
+        if master:
+            print(f"resuming {last} at step {ckpt['step']} with the run's settings"
+                  + "".join(f"; {k} {v0} -> {getattr(cfg, k)}"
+                            for k, v0 in ((k, (ckpt["train_config"] or {}).get(k)) for k in changed)))
+    elif cfg.init:
+        ckpt = load_checkpoint(cfg.init)
+    torch.manual_seed(cfg.seed)
 
     # data rows (checked at start-up: malformed lines, empty captions, missing files)
     if not cfg.data and not cfg.video_data:
@@ -270,40 +532,39 @@ def _main(argv=None):
     if not image_rows and not video_rows:
         raise SystemExit("no training data: give --data and/or --video-data")
 
-    # checkpoint to resume or start from
-    last = os.path.join(cfg.out, "last.pt")
-    ckpt = None
-    if cfg.resume:
-        if not os.path.exists(last):
-            raise SystemExit(f"--resume: no checkpoint at {last}")
-        ckpt = load_checkpoint(last)
-    elif cfg.init:
-        ckpt = load_checkpoint(cfg.init)
-
     # tokenizer: the checkpoint's, the pretrained text model's, or trained on the captions
     if ckpt is not None:
         tokenizer = Tokenizer.from_str(ckpt["tokenizer"])
     elif cfg.text:
         tokenizer = Tokenizer.from_pretrained(cfg.text)
     else:
-        tokenizer = Tokenizer.train([c for r in image_rows + video_rows for c in r["captions"]], cfg.vocab_size)
-    if master:  # beside the checkpoints (which carry it too), for use outside this code
-        tokenizer.save(cfg.out)
+        texts = [c for r in image_rows + video_rows for c in r["captions"] + [r.get("question", "")] if c]
+        tokenizer = Tokenizer.train(texts, cfg.vocab_size)
 
-    # answer vocabulary for VQA
+    # answer vocabulary for VQA: train + val answers in the paper (--answer-data), else --data's
     answers = None
     if cfg.task == "vqa":
         answers = ckpt.get("answers") if cfg.resume else None
-        answers = answers or build_answer_vocab(image_rows + video_rows, cfg.min_answer_count)
         if not answers:
-            raise SystemExit(f"no answer is seen {cfg.min_answer_count} times in {cfg.data}: lower --min-answer-count")
+            rows = [r for path in cfg.answer_data for r in read_rows(path, cfg, [])] if cfg.answer_data \
+                else image_rows + video_rows
+            answers = build_answer_vocab(rows, cfg.min_answer_count)
+        if not answers:
+            raise SystemExit(f"no answer is seen {cfg.min_answer_count} times in "
+                             f"{', '.join(cfg.answer_data) or cfg.data}: lower --min-answer-count")
 
-    # model
-    if ckpt is not None:
+    # model config: the run's on resume; --init takes the weights only, the loss weights come from the
+    # task and the flags
+    defaults = Config()
+    if cfg.resume:
         config = Config(**ckpt["config"])
-    elif cfg.text or cfg.vision:
+    elif ckpt is not None:
+        config = replace(Config(**ckpt["config"]), w_itc=defaults.w_itc, w_itm=defaults.w_itm,
+                         w_mlm=defaults.w_mlm, w_scl=defaults.w_scl, image_mask_ratio=defaults.image_mask_ratio,
+                         n_answers=0)
+    elif cfg.text:
         config = CONFIGS[cfg.config]
-    else:
+    else:  # text encoder trained from scratch (CLIP weights or none): its vocabulary is the tokenizer's
         config = replace(CONFIGS[cfg.config], vocab_size=tokenizer.vocab_size, pad_token_id=tokenizer.pad_id)
     if cfg.task == "retrieval":
         config = replace(config, w_mlm=0.0, w_scl=0.0)
@@ -312,6 +573,29 @@ def _main(argv=None):
     weights = {k: getattr(cfg, k) for k in ("w_itc", "w_itm", "w_mlm", "w_scl", "image_mask_ratio")
                if getattr(cfg, k) >= 0}
     config = replace(config, **weights)
+    if cfg.text and ckpt is None:  # the text sizes come from the folder's config.json
+        config = replace(config, **text_config(cfg.text))
+    check_model_flags(cfg, config)
+    image_size = cfg.image_size or config.image_size
+    video_size = cfg.video_size or image_size
+
+    # data sets: every stream must fill one global batch
+    collate = Collator(tokenizer, cfg.max_text_len)
+    if cfg.task == "vqa":
+        collate = VQACollator(collate, answers)
+    sets = {}
+    for kind, rows, size, batch, flag in (("image", image_rows, image_size, cfg.batch_size, "batch-size"),
+                                          ("video", video_rows, video_size, cfg.video_batch_size or cfg.batch_size,
+                                           "video-batch-size" if cfg.video_batch_size else "batch-size")):
+        if rows:
+            ds = PairDataset(rows, image_size=size, frames=cfg.frames, train=True, seed=cfg.seed,
+                             skip_bad=cfg.skip_bad)
+            if len(ds) < batch * world:
+                raise SystemExit(f"{rows[0]['jsonl']}: {len(ds)} samples cannot fill one batch of {batch} x {world} "
+                                 f"ranks: lower --{flag} to at most {len(ds) // world}")
+            sets[kind] = (ds, batch)
+
+    # model
     if ckpt is None and (cfg.text or cfg.vision):
         model = SCLModel.from_pretrained(config, text=cfg.text or None, vision=cfg.vision or None, verbose=master)
         if model.config.vocab_size != tokenizer.vocab_size:
@@ -319,8 +603,9 @@ def _main(argv=None):
     else:
         model = SCLModel(config)
         if ckpt is not None:
-            state = ckpt["model"]
-            if cfg.init and not cfg.resume:  # fine-tuning: the task's new head starts fresh
+            # weights saved from a compiled or DDP-wrapped model carry a prefix on every name
+            state = {re.sub(r"^(_orig_mod\.|module\.)+", "", k): v for k, v in ckpt["model"].items()}
+            if not cfg.resume:  # fine-tuning: the task's new head starts fresh
                 state = {k: v for k, v in state.items() if not k.startswith("vqa_head.")}
             missing, unexpected = model.load_state_dict(state, strict=False)
             bad = [k for k in missing if not k.startswith("vqa_head.")] + list(unexpected)
@@ -330,9 +615,6 @@ def _main(argv=None):
     model.to(device)
     model.grad_checkpointing = cfg.grad_checkpointing
     raw_model = model
-    if master:
-        print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
-              f"{len(image_rows)} image rows, {len(video_rows)} video rows, device {device}, world {world}")
 
     # optimiser and schedule
     cuda = device.type == "cuda"
@@ -343,19 +625,23 @@ def _main(argv=None):
         opt.load_state_dict(ckpt["optimizer"])
         step, seen, best, before = ckpt["step"], ckpt["seen"], ckpt["best"], ckpt.get("before")
 
+    # every start-up check has passed: now the run folder is ours (rank 0 writes it)
+    if master:
+        to_close.append(claim_run_folder(cfg, step))
+        tokenizer.save(cfg.out)  # beside the checkpoints (which carry it too), for use outside this code
+        print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+              f"{len(image_rows)} image rows, {len(video_rows)} video rows, device {device}, world {world}")
+    log = open(os.path.join(cfg.out, "metrics.jsonl"), "a") if master else None
+    if log:
+        to_close.append(log)
+
+    def record(entry):
+        if log:
+            log.write(json.dumps(entry) + "\n")
+            log.flush()
+
     # loaders: each modality keeps its own resolution and frame count
-    image_size = cfg.image_size or config.image_size
-    video_size = cfg.video_size or image_size
-    collate = Collator(tokenizer, cfg.max_text_len)
-    if cfg.task == "vqa":
-        collate = VQACollator(collate, answers)
-    streams = {}
-    if image_rows:
-        streams["image"] = loader(image_rows, cfg, collate, image_size, cfg.frames, cfg.batch_size, rank, world,
-                                  seen["image"])
-    if video_rows:
-        streams["video"] = loader(video_rows, cfg, collate, video_size, cfg.frames,
-                                  cfg.video_batch_size or cfg.batch_size, rank, world, seen["video"])
+    streams = {kind: loader(ds, cfg, collate, batch, rank, world, seen[kind]) for kind, (ds, batch) in sets.items()}
     ratio = cfg.video_ratio if len(streams) == 2 else float("video" in streams)
 
     if cfg.resume:  # after the loaders exist, so nothing below draws from a different RNG state
@@ -370,29 +656,65 @@ def _main(argv=None):
         model = torch.compile(model)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
 
+    # SIGTERM / SIGINT: finish the step (or the validation batch), save, exit cleanly; a second
+    # SIGINT (Ctrl-C twice) stops at once
+    stop = {"signal": None}
+
+    def on_signal(signum, frame):
+        if stop["signal"] is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        stop["signal"] = signum
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, on_signal)
+
+    # validation: each modality at its own size and frame count, on rank 0, with eval.py's metric
+    val_sets = {kind: [r for r in val_rows if r["kind"] == kind] for kind in ("image", "video")}
+    val_sets = {kind: rows for kind, rows in val_sets.items() if rows}
+    val_skipped = set()
+
     def validate():
-        """Validation on rank 0 with the same metric eval.py reports."""
-        if not val_rows or not master:
+        """-> {"score", ...metrics} (with both modalities: one entry each and the mean score), or None
+        when there is nothing to validate or a stop request interrupted it."""
+        if not val_sets or not master:
             return None
-        kw = dict(device=device, max_len=cfg.max_text_len, image_size=image_size, frames=cfg.frames)
-        if cfg.task == "vqa":
-            score, _ = evaluate_vqa(raw_model, tokenizer, val_rows, answers, **kw)
-            result = {"vqa": score, "score": score}
-        else:
-            metrics, _ = evaluate_retrieval(raw_model, tokenizer, val_rows, k=cfg.val_k, **kw)
-            result = metrics["itm"] if cfg.val_k else metrics["itc"]
-            result = dict(result, score=result["mean"])
-        raw_model.train()
-        return result
+        results, bad = {}, []
+        try:
+            for kind, rows in val_sets.items():
+                kw = dict(device=device, max_len=cfg.max_text_len, batch_size=cfg.batch_size,
+                          image_size=image_size if kind == "image" else video_size, frames=cfg.frames,
+                          skip_bad=cfg.skip_bad, skipped=bad, stop=lambda: stop["signal"] is not None)
+                if cfg.task == "vqa":
+                    score, _ = evaluate_vqa(raw_model, tokenizer, rows, answers, **kw)
+                    results[kind] = {"vqa": score, "score": score}
+                else:
+                    metrics, _ = evaluate_retrieval(raw_model, tokenizer, rows, k=cfg.val_k, **kw)
+                    result = metrics["itm"] if cfg.val_k else metrics["itc"]
+                    results[kind] = dict(result, score=result["mean"])
+        except Interrupted:
+            return None
+        finally:
+            raw_model.train()
+        for why in bad:
+            if why not in val_skipped:
+                val_skipped.add(why)
+                print(f"validation skipped {why}")
+        if len(results) == 1:
+            return next(iter(results.values()))
+        return dict(results, score=sum(r["score"] for r in results.values()) / len(results))
 
     def checkpoint(path, val=None):
+        """rank 0 writes; -> None, or the reason the write failed (the previous file is intact)."""
         if not master:
-            return
-        save_checkpoint(path, dict(
-            model=raw_model.state_dict(), optimizer=opt.state_dict(), step=step, seen=dict(seen), best=best,
-            before=before, config=asdict(config), train_config=asdict(cfg), tokenizer=tokenizer.to_str(),
-            answers=answers, val=val,
-            rng=dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state() if cuda else None)))
+            return None
+        try:
+            save_checkpoint(path, dict(
+                model=raw_model.state_dict(), optimizer=opt.state_dict(), step=step, seen=dict(seen), best=best,
+                before=before, config=asdict(config), train_config=asdict(cfg), tokenizer=tokenizer.to_str(),
+                answers=answers, val=val,
+                rng=dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state() if cuda else None)))
+        except SystemExit as e:
+            return str(e.code)
+        return None
 
     def validate_and_keep_best():
         nonlocal best
@@ -401,16 +723,13 @@ def _main(argv=None):
             record({"step": step, "val": val})
             if val["score"] > best:
                 best = val["score"]
-                checkpoint(os.path.join(cfg.out, "best.pt"), val)
-        return val
+                return val, checkpoint(os.path.join(cfg.out, "best.pt"), val)
+        return val, None
 
-    # SIGTERM / SIGINT: finish the step, save, exit cleanly
-    stop = {"signal": None}
-
-    def on_signal(signum, frame):
-        stop["signal"] = signum
-    for s in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(s, on_signal)
+    def settle(code, failed):
+        """Act on a code all ranks agreed on: a failed save stops every rank."""
+        if code & SAVE_FAILED:
+            raise SystemExit(failed or "rank 0 could not write a checkpoint; stopping")
 
     if before is None:
         before = validate()
@@ -424,27 +743,25 @@ def _main(argv=None):
     micro = step * cfg.grad_accum
     bar = tqdm(total=cfg.steps, initial=step, disable=not master, dynamic_ncols=True)
     model.train()
-    while step < cfg.steps and stop["signal"] is None:
+    code = agree(STOP if stop["signal"] is not None else 0)
+    while step < cfg.steps and not code & STOP:
         factor = lr_factor(step, cfg)
         for g in opt.param_groups:
             g["lr"] = cfg.lr * g["lr_mult"] * factor
+        seen_before = dict(seen)
         for k in range(cfg.grad_accum):
             kind = "video" if is_video_step(micro, ratio) else "image"
-            try:
-                batch = next(streams[kind])
-                seen[kind] += 1
-                for _ in range(100):  # --skip-bad and no sample of the batch was readable: take the next
-                    if "text_ids" in batch:
-                        break
-                    skipped.extend(batch.pop("skipped"))
-                    batch = next(streams[kind])
-                    seen[kind] += 1
-                else:
-                    raise SystemExit(f"100 {kind} batches in a row had no readable sample: {skipped[-1]}")
-            except DataError as e:
-                raise SystemExit(f"bad sample: {e}\n(pass --skip-bad to skip and count such samples)") from None
+            batch = next(streams[kind])
+            seen[kind] += 1
+            error = batch.get("error")
+            if agree(BAD_DATA if error else 0) & BAD_DATA:  # all ranks stop together, at the last step's state
+                seen.update(seen_before)
+                failed = checkpoint(last)
+                raise SystemExit(f"bad sample: {error}\n(pass --skip-bad to skip and count such samples)" if error
+                                 else "another rank met a bad sample (see its message); stopping"
+                                 + (f"; {failed}" if failed else ""))
             micro += 1
-            skipped.extend(batch.pop("skipped", []))
+            skipped.extend(batch.pop("skipped"))
             batch = {k2: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k2, v in batch.items()}
             n_samples += batch["text_ids"].shape[0] * world
             # gradients are all-reduced on the last micro-step only
@@ -483,39 +800,45 @@ def _main(argv=None):
             n_samples, n_steps, t0 = 0, 0, time.time()
             bar.set_postfix(loss=entry.get("loss"), sps=round(entry["samples_per_s"], 1))
             record(entry)
+            # the gradient norm is all-reduced, so every rank sees the same streak and stops here too
             if streak >= cfg.max_bad_steps:
-                checkpoint(os.path.join(cfg.out, "nonfinite.pt"))
-                raise SystemExit(f"{streak} non-finite steps in a row at step {step}: stopping (the weights before "
-                                 f"them are in {cfg.out}/nonfinite.pt). Lower --lr or check the data.")
+                failed = checkpoint(os.path.join(cfg.out, "nonfinite.pt"))
+                raise SystemExit(failed or f"{streak} non-finite steps in a row at step {step}: stopping (the "
+                                 f"weights before them are in {cfg.out}/nonfinite.pt). Lower --lr or check the data.")
+        failed = None
         if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-            validate_and_keep_best()
-        if step % cfg.save_every == 0:
-            checkpoint(last)
-        if world > 1:
-            dist.barrier()
+            failed = validate_and_keep_best()[1]
+        if step % cfg.save_every == 0 and not failed:
+            failed = checkpoint(last)
+        # one agreement per step: a stop request or a failed save on any rank stops every rank
+        code = agree((STOP if stop["signal"] is not None else 0) | (SAVE_FAILED if failed else 0))
+        settle(code, failed)
     bar.close()
 
-    if stop["signal"] is not None:
-        checkpoint(last)
+    if code & STOP:
+        failed = checkpoint(last)
+        settle(agree(SAVE_FAILED if failed else 0), failed)
         if master:
-            print(f"stopped by signal {stop['signal']} at step {step}; checkpoint saved to {last}")
+            print(f"stopped by signal {stop['signal'] or 'on another rank'} at step {step}; checkpoint saved to {last}")
     else:
-        after = validate_and_keep_best()
-        checkpoint(last, after)
+        after, failed = validate_and_keep_best()
+        failed = failed or checkpoint(last, after)
+        settle(agree(SAVE_FAILED if failed else 0), failed)
         if master and after:
             print(f"validation before training: {fmt(before)}\nvalidation after training:  {fmt(after)}")
+    skipped = [why for part in agree.gather(skipped) for why in part]  # every rank's
     if skipped and master:
         print(f"skipped {len(skipped)} bad samples; first: " + "; ".join(skipped[:5]))
         record({"step": step, "skipped": len(skipped), "skipped_first": skipped[:20]})
-    if log:
-        log.close()
-    if world > 1:
-        dist.barrier()
+    for it in streams.values():  # shut the DataLoader workers down before returning
+        del it
+    streams.clear()
     return raw_model
 
 
 def fmt(metrics):
-    return " ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in (metrics or {}).items())
+    return " ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}=({fmt(v)})" if isinstance(v, dict)
+                    else f"{k}={v}" for k, v in (metrics or {}).items())
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The flexible vision encoder (SPEC section 2): one CLIP-style ViT for images and videos.
+"""The flexible vision encoder (METHOD.md §2): one CLIP-style ViT for images and videos.
 
 An image is a clip of T = 1 frames. Every frame is patchified on its own; the patch tokens of a
 frame attend within their frame, and each frame's CLS token attends to all tokens of all frames,
@@ -23,10 +23,11 @@ class Attention(nn.Module):
     clip stacked; patch rows attend within their frame, CLS rows attend to every token of the clip.
     """
 
-    def __init__(self, dim, heads, kv_dim=None):
+    def __init__(self, dim, heads, kv_dim=None, dropout=0.0):
         super().__init__()
         assert dim % heads == 0, f"width {dim} is not divisible by {heads} heads"
         self.heads = heads
+        self.dropout = dropout  # on the attention probabilities, in training only (BERT); 0 in the ViT
         self.q = nn.Linear(dim, dim)
         self.k = nn.Linear(kv_dim or dim, dim)
         self.v = nn.Linear(kv_dim or dim, dim)
@@ -41,7 +42,8 @@ class Attention(nn.Module):
         context = x if context is None else context
         q, k, v = self.split(self.q(x)), self.split(self.k(context)), self.split(self.v(context))
         mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, S)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)    # (B, nh, L, hs)
+        p = self.dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, nh, L, hs)
         if frames > 1:
             out = torch.cat([self.cls_over_clip(q, k, v, frames), out[:, :, 1:]], dim=2)
         BT, nh, L, hs = out.shape
@@ -117,7 +119,7 @@ class VisionTransformer(nn.Module):
         self.conv = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
         self.cls = nn.Parameter(torch.zeros(width))
         self.pos = nn.Parameter(torch.zeros(1 + self.grid ** 2, width))
-        # zero-initialised (SPEC 2): a video model starts as the image model, and T = 1 inputs see
+        # zero-initialised (METHOD.md §10): a video model starts as the image model, and T = 1 inputs see
         # the pretrained CLIP features unchanged (the release's random init perturbs them)
         self.temporal = nn.Parameter(torch.zeros(max_frames, width))
         self.ln_pre = nn.LayerNorm(width)

@@ -1,4 +1,4 @@
-"""losses.py against naive loops and hand-computed values (SPEC section 6)."""
+"""losses.py against naive loops and hand-computed values (METHOD.md §6)."""
 import math
 import os
 import sys
@@ -81,7 +81,7 @@ def test_semantic_completion_matches_naive_loop():
     pred, target = torch.randn(6, 10, generator=g), torch.randn(6, 10, generator=g)
     got = semantic_completion(pred, target, 0.03).item()
     assert got == pytest.approx(naive_scl(pred, target, 0.03), rel=1e-4)
-    # default temperature is 0.03 (SPEC 6.5)
+    # default temperature is 0.03 (METHOD.md §6.4)
     assert semantic_completion(pred, target).item() == pytest.approx(got, rel=1e-6)
     # a different temperature is a different loss
     assert semantic_completion(pred, target, 0.5).item() == pytest.approx(naive_scl(pred, target, 0.5), rel=1e-4)
@@ -208,3 +208,116 @@ def test_hard_negatives_one_batched_multinomial(B):
     with mock.patch("torch.multinomial", wraps=torch.multinomial) as spy:
         sample_hard_negatives(sim)
     assert spy.call_count == 1          # both directions, every row: one call, whatever B is
+
+
+# ---------------------------------------------------------------------------------------------
+# Several texts of one image: ITC positives, never ITM negatives
+
+def naive_multi_positive(a, b, scale, ids, a_all, b_all, ids_all):
+    """Both directions; row i's target is uniform over the columns j with ids_all[j] == ids[i]:
+    its loss is the mean of -log softmax over those columns (ALBEF's retrieval sim_targets)."""
+    B = a.shape[0]
+    total = 0.0
+    for x, others in ((a, b_all), (b, a_all)):
+        for i in range(B):
+            logits = [scale * float(x[i] @ others[j]) for j in range(others.shape[0])]
+            pos = [j for j in range(others.shape[0]) if int(ids_all[j]) == int(ids[i])]
+            total += sum(row_nll(logits, j) for j in pos) / len(pos) / B
+    return total
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_info_nce_same_image_texts_are_positives(rank):
+    g = torch.Generator().manual_seed(10)
+    B = 5
+    a_all, b_all = unit_rows(2 * B, 8, g), unit_rows(2 * B, 8, g)
+    ids_all = torch.tensor([4, 7, 4, 1, 9, 7, 2, 4, 3, 8])          # image 4 on both ranks, 7 too
+    sl = slice(rank * B, (rank + 1) * B)
+    a, b, ids = a_all[sl], b_all[sl], ids_all[sl]
+    got = info_nce(a, b, 3.0, a_all, b_all, rank, ids, ids_all).item()
+    assert got == pytest.approx(naive_multi_positive(a, b, 3.0, ids, a_all, b_all, ids_all), rel=1e-10)
+    # the one-hot loss treats the other texts of image 4 as negatives: a different number
+    assert abs(got - naive_info_nce(a, b, 3.0, a_all, b_all, rank)) > 1e-3
+    # all images different: exactly the one-hot loss
+    distinct = torch.arange(2 * B) * 3
+    plain = info_nce(a, b, 3.0, a_all, b_all, rank, distinct[sl], distinct).item()
+    assert plain == pytest.approx(naive_info_nce(a, b, 3.0, a_all, b_all, rank), rel=1e-10)
+    # one process: ids_all defaults to ids, and contrastive passes them through
+    single = naive_multi_positive(a, b, 3.0, ids, a, b, ids)
+    assert info_nce(a, b, 3.0, ids=ids).item() == pytest.approx(single, rel=1e-10)
+    assert contrastive(a, b, 3.0, ids).item() == pytest.approx(single, rel=1e-10)
+
+
+@pytest.mark.parametrize("B", [2, 7])
+def test_hard_negatives_never_the_same_image(B):
+    g = torch.Generator().manual_seed(11)
+    ids = torch.tensor([0, 1, 0, 2, 1, 0, 3][:B]) if B == 7 else torch.tensor([5, 6])
+    same = ids[:, None] == ids[None]
+    # same-image pairs score far higher: without the mask they would win almost every draw
+    sim = torch.randn(B, B, generator=g) + 30 * same
+    counts = torch.zeros(B, B)
+    for seed in range(300):
+        torch.manual_seed(seed)
+        neg_t, neg_v = sample_hard_negatives(sim, ids)
+        assert not same[torch.arange(B), neg_t].any() and not same[torch.arange(B), neg_v].any()
+        counts[torch.arange(B), neg_t] += 1
+    if B == 7:  # the draws still follow the similarities among the other images
+        for i in range(B):
+            allowed = [j for j in range(B) if not same[i, j]]
+            z = sum(math.exp(float(sim[i, j])) for j in allowed)
+            for j in allowed:
+                assert abs(float(counts[i, j]) / 300 - math.exp(float(sim[i, j])) / z) < 0.1
+
+
+@pytest.mark.parametrize("B", [2, 5])
+def test_hard_negatives_one_image_batch_falls_back_to_other_pairs(B):
+    """When every pair shows the same image there is no other image: any pair but the positive."""
+    ids = torch.full((B,), 3)
+    sim = torch.randn(B, B) + 30 * torch.eye(B)
+    with mock.patch("torch.multinomial", wraps=torch.multinomial) as spy:
+        for seed in range(100):
+            torch.manual_seed(seed)
+            neg_t, neg_v = sample_hard_negatives(sim, ids)
+            assert not (neg_t == torch.arange(B)).any() and not (neg_v == torch.arange(B)).any()
+            assert ((neg_t >= 0) & (neg_t < B)).all() and ((neg_v >= 0) & (neg_v < B)).all()
+    assert spy.call_count == 100                                      # still one draw per call
+
+
+def _ddp_contrastive_worker(rank, world, folder):
+    """One rank of test_contrastive_gathers_image_ids: its loss and the gradients of its features."""
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world)
+    try:
+        g = torch.Generator().manual_seed(12)
+        a_all, b_all = unit_rows(8, 6, g), unit_rows(8, 6, g)
+        ids_all = torch.tensor([0, 1, 2, 0, 3, 1, 0, 4])              # images 0 and 1 on both ranks
+        sl = slice(rank * 4, (rank + 1) * 4)
+        a, b = a_all[sl].clone().requires_grad_(), b_all[sl].clone().requires_grad_()
+        loss = contrastive(a, b, 4.0, ids_all[sl])
+        loss.backward()
+        torch.save(dict(loss=loss.detach(), a=a.grad, b=b.grad), os.path.join(folder, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_contrastive_gathers_image_ids(tmp_path):
+    """2 gloo ranks: the ids are gathered like the features, so an image on both ranks is a positive
+    across them; each rank's loss is the naive formula over the global batch, and the gradients
+    (averaged as DDP does) are those of one process holding the whole batch."""
+    import torch.multiprocessing as mp
+    mp.spawn(_ddp_contrastive_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    g = torch.Generator().manual_seed(12)
+    a_all, b_all = unit_rows(8, 6, g), unit_rows(8, 6, g)
+    ids_all = torch.tensor([0, 1, 2, 0, 3, 1, 0, 4])
+    for r, out in enumerate(ranks):
+        sl = slice(r * 4, (r + 1) * 4)
+        expect = naive_multi_positive(a_all[sl], b_all[sl], 4.0, ids_all[sl], a_all, b_all, ids_all)
+        assert out["loss"].item() == pytest.approx(expect, rel=1e-10)
+    a, b = a_all.clone().requires_grad_(), b_all.clone().requires_grad_()
+    whole = contrastive(a, b, 4.0, ids_all)
+    assert whole.item() == pytest.approx((ranks[0]["loss"] + ranks[1]["loss"]).item() / 2, rel=1e-10)
+    whole.backward()
+    torch.testing.assert_close(torch.cat([ranks[0]["a"], ranks[1]["a"]]) / 2, a.grad, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(torch.cat([ranks[0]["b"], ranks[1]["b"]]) / 2, b.grad, rtol=1e-9, atol=1e-12)

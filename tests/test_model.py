@@ -1,4 +1,4 @@
-"""vision.py and model.py against transformers, naive references and properties (SPEC sections 1-6)."""
+"""vision.py and model.py against transformers, naive references and properties (METHOD.md §1 to §6)."""
 import dataclasses
 import math
 import os
@@ -574,7 +574,7 @@ def test_mvsc_prediction_is_full_image_global_without_masking(monkeypatch):
 # 10. Public API shapes
 
 def test_public_api_shapes():
-    cfg = dataclasses.replace(TINY, n_answers=7)
+    cfg = dataclasses.replace(TINY, n_answers=7, dropout=0.0)  # the training pass below is compared with eval
     torch.manual_seed(16)
     model = SCLModel(cfg).eval()
     with torch.no_grad():  # as after training; at init (zero table) every frame-CLS of a clip is identical
@@ -646,7 +646,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     grads = []
     for checkpointing in (False, True):
         torch.manual_seed(0)
-        model = SCLModel(TINY)
+        model = SCLModel(dataclasses.replace(TINY, dropout=0.1))  # the recomputation must redraw the same masks
         model.grad_checkpointing = checkpointing
         torch.manual_seed(1)  # the same tube masks and hard negatives in both runs
         calls = {"model": 0, "vision": 0}
@@ -668,3 +668,151 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     torch.testing.assert_close(loss_a, loss_b)
     for name in ga:
         torch.testing.assert_close(ga[name], gb[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Several captions of one image in a batch: ITC positives, never ITM negatives
+
+def test_image_ids_from_the_dataset_reach_itc_and_itm(tmp_path, monkeypatch):
+    import json
+    from PIL import Image
+    from data import Collator, PairDataset, Tokenizer, read_jsonl
+    captions = {"red": ["a red square", "all red"], "green": ["a green square"],
+                "blue": ["a blue square", "blue", "a blue picture"]}
+    g = torch.Generator().manual_seed(18)
+    with open(tmp_path / "pairs.jsonl", "w") as f:
+        for colour, caps in captions.items():
+            noise = torch.randint(0, 256, (80, 80, 3), generator=g, dtype=torch.uint8).numpy()
+            Image.fromarray(noise).save(tmp_path / f"{colour}.png")
+            f.write(json.dumps({"image": f"{colour}.png", "caption": caps}) + "\n")
+    # training augmentation, so the copies of an image differ: with identical copies the multi-positive
+    # and the one-hot ITC have the same value
+    ds = PairDataset(read_jsonl(tmp_path / "pairs.jsonl"), image_size=64, train=True)
+    tok = Tokenizer.train([c for caps in captions.values() for c in caps], vocab_size=100)
+    batch = Collator(tok, max_len=12)([ds[i] for i in range(len(ds))])
+    ids = batch["image_ids"]
+    assert ids.tolist() == [0, 0, 1, 2, 2, 2]                       # one id per row, shared by its captions
+
+    cfg = dataclasses.replace(TINY, vocab_size=tok.vocab_size, pad_token_id=tok.pad_id, w_mlm=0.0, w_scl=0.0)
+    torch.manual_seed(18)
+    model = SCLModel(cfg).eval()                                     # eval: no dropout, comparable passes
+    drawn, real = [], model_module.sample_hard_negatives
+
+    def spy(sim, *rest):
+        neg = real(sim, *rest)
+        drawn.append(neg)
+        return neg
+    monkeypatch.setattr(model_module, "sample_hard_negatives", spy)
+    with torch.no_grad():
+        for seed in range(20):
+            torch.manual_seed(seed)
+            out = model(batch)
+        assert len(drawn) == 20
+        img = model.encode_image(batch["pixels"])
+        txt = model.encode_text(batch["text_ids"], batch["text_mask"])
+        plain = model({k: v for k, v in batch.items() if k != "image_ids"})
+    same = ids[:, None] == ids[None]
+    for neg_t, neg_v in drawn[:20]:                                       # ITM: never another caption of the image
+        assert not same[torch.arange(6), neg_t].any() and not same[torch.arange(6), neg_v].any()
+    # ITC: the target of each row spreads evenly over the captions (images) of its image, both ways
+    S = model.logit_scale.exp() * img @ txt.t()                      # (6 images, 6 texts)
+    target = same.float() / same.sum(dim=1, keepdim=True)
+    expect = -(target * S.log_softmax(dim=1)).sum(1).mean() - (target * S.t().log_softmax(dim=1)).sum(1).mean()
+    assert out["itc"].item() == pytest.approx(expect.item(), rel=1e-5)
+    one_hot = F.cross_entropy(S, torch.arange(6)) + F.cross_entropy(S.t(), torch.arange(6))
+    assert plain["itc"].item() == pytest.approx(one_hot.item(), rel=1e-5)  # without ids: every pair its own
+    assert abs(expect.item() - one_hot.item()) > 1e-3
+
+
+# ---------------------------------------------------------------------------------------------
+# Dropout (BERT/METER): text encoder and fusion layers, training only; none in the ViT
+
+def sdpa_dropouts(monkeypatch):
+    """Record the dropout_p of every F.scaled_dot_product_attention call."""
+    seen, real = [], F.scaled_dot_product_attention
+
+    def spy(*args, dropout_p=0.0, **kw):
+        seen.append(dropout_p)
+        return real(*args, dropout_p=dropout_p, **kw)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    return seen
+
+
+def test_dropout_sits_where_bert_puts_it(monkeypatch):
+    DROP = dataclasses.replace(TINY, dropout=0.1)
+    torch.manual_seed(19)
+    model = SCLModel(DROP).train()
+    drops = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Dropout)}
+    blocks = [f"text.layers.{i}" for i in range(DROP.text_layers)] + \
+        [f"{s}_fusion.{i}" for s in ("text", "vision") for i in range(DROP.fusion_layers)]
+    assert drops == {"text.drop"} | {b + ".drop" for b in blocks}   # nothing in the ViT or the heads
+    assert all(m.p == 0.1 for n, m in model.named_modules() if n in drops)
+    batch = make_batch(2, T=2, size=32, seed=8)
+    px, ids, mask = batch["pixels"], batch["text_ids"], batch["text_mask"]
+
+    # attention probabilities: dropped in the text encoder and the fusion, not in the ViT
+    t, v = model.embed_text(ids, mask), model.embed_vision(px)
+    seen = sdpa_dropouts(monkeypatch)
+    for run, n_calls, p in ((lambda: model.vision(px), 2 * DROP.vision_layers, 0.0),  # frame + clip-CLS calls
+                            (lambda: model.text(ids, mask), DROP.text_layers, 0.1),
+                            (lambda: model.fuse(t, mask, v), 4 * DROP.fusion_layers, 0.1)):  # self + cross
+        seen.clear()
+        run()
+        assert len(seen) == n_calls and all(x == p for x in seen), (seen, p)
+    model.eval()
+    seen.clear()
+    model.itm_logits(px, ids, mask)
+    assert seen and all(x == 0.0 for x in seen)                      # eval: never
+
+    # each sublayer's output is dropped before its residual add: with every block's dropout output
+    # zeroed, a block is its LayerNorms alone (LN after the add, as in BERT)
+    model.train()
+    x, other = torch.randn(2, 5, DROP.hidden), torch.randn(2, 7, DROP.hidden)
+    hooks = [model.get_submodule(b + ".drop").register_forward_hook(lambda m, a, out: torch.zeros_like(out))
+             for b in blocks]
+    layer = model.text.layers[0]
+    torch.testing.assert_close(layer(x[..., :DROP.text_width]), layer.ln2(layer.ln1(x[..., :DROP.text_width])))
+    for layer in (model.text_fusion[1], model.vision_fusion[0]):
+        torch.testing.assert_close(layer(x, None, other, None), layer.ln2(layer.ln_cross(layer.ln1(x))))
+    for h in hooks:
+        h.remove()
+
+    # embeddings: dropped after their LayerNorm (inverted dropout: kept values scaled by 1 / (1 - p))
+    got = {}
+    model.text.drop.register_forward_hook(lambda m, a, out: got.update(x=a[0], out=out))
+    model.text(ids, mask)
+    enc = model.text
+    embedded = enc.ln(enc.word(ids) + enc.pos(torch.arange(ids.shape[1])[None]) + enc.token_type.weight[0])
+    torch.testing.assert_close(got["x"], embedded)
+    kept = got["out"] != 0
+    assert 0.8 < kept.float().mean() < 0.97
+    torch.testing.assert_close(got["out"][kept], embedded[kept] / 0.9)
+
+
+def test_dropout_only_in_training():
+    DROP = dataclasses.replace(TINY, dropout=0.1)
+    torch.manual_seed(20)
+    model = SCLModel(DROP)
+    plain = SCLModel(dataclasses.replace(DROP, dropout=0.0))
+    plain.load_state_dict(model.state_dict())
+    batch = make_batch(3, seed=9)
+    px, ids, mask = batch["pixels"], batch["text_ids"], batch["text_mask"]
+    with torch.no_grad():
+        # eval: exactly the model without dropout, in every pass (same tube masks and hard negatives)
+        outs = []
+        for m in (model.eval(), plain.eval()):
+            torch.manual_seed(0)
+            outs.append(m(batch))
+        for k in outs[0]:
+            assert outs[0][k].item() == outs[1][k].item(), k
+        torch.testing.assert_close(model.itm_logits(px, ids, mask), plain.itm_logits(px, ids, mask), rtol=0, atol=0)
+        # training: the text and the fusion change from draw to draw, the ViT does not
+        model.train()
+        assert not torch.equal(model.encode_text(ids, mask), model.encode_text(ids, mask))
+        v = model.embed_vision(px)
+        assert torch.equal(v, model.embed_vision(px))
+        t = plain.embed_text(ids, mask)
+        assert not torch.equal(model.fuse(t, mask, v)[1], model.fuse(t, mask, v)[1])
+        plain.train()                                                # dropout 0: training changes nothing
+        torch.testing.assert_close(plain.itm_logits(px, ids, mask), plain.eval().itm_logits(px, ids, mask),
+                                   rtol=0, atol=0)
