@@ -144,7 +144,7 @@ def cmd_parity(args):
 def cmd_train(args):
     """train.py end to end on the demo images (resized to 224 px): eager vs --compile."""
     import train
-    from data import make_demo
+    from demo import make_demo
     demo = make_demo(os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo"))
     for compiled in (False, True):
         argv = ["--data", demo["images_train"], "--video-data", demo["videos_train"], "--val-data", demo["images_val"],

@@ -1,6 +1,6 @@
 """
 Data for SCL: jsonl reading, image/video loading, tokenisation, MLM/SCL text masking,
-a synthetic demo dataset and converters from the standard annotation files (METHOD.md §8).
+and the command line of the demo set (demo.py) and the converters (convert.py) (METHOD.md §8).
 Stands alone: imports only torch, numpy, pillow, av, tokenizers and the standard library.
 
     python data.py demo --out demo/
@@ -9,7 +9,6 @@ Stands alone: imports only torch, numpy, pillow, av, tokenizers and the standard
     python data.py convert vqa questions.json --annotations annotations.json --images val2014/ --out vqa_val.jsonl
 """
 import argparse
-import csv
 import hashlib
 import itertools
 import json
@@ -23,7 +22,7 @@ import warnings
 import av
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageOps
+from PIL import Image, ImageOps
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 
@@ -495,289 +494,6 @@ class Collator:
         return batch
 
 # -----------------------------------------------------------------------------
-# demo dataset: coloured shapes whose captions need colour, shape, size and relation
-
-COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
-          "yellow": (230, 200, 30), "purple": (140, 60, 190), "orange": (240, 130, 30)}
-SHAPES = ("circle", "square", "triangle", "cross")
-SIZES = {"small": 7, "large": 13}  # half-width in pixels on the canvas
-CANVAS = 64  # even, as libx264 requires
-CONVERSE = {"to the left of": "to the right of", "to the right of": "to the left of",
-            "above": "below", "below": "above"}
-PLACES = ("on the left", "on the right", "at the top", "at the bottom")
-MOTIONS = {"left": "to the left", "right": "to the right", "up": "up", "down": "down"}
-
-
-def _phrase(o):
-    return f"a {o['size']} {o['color']} {o['shape']}"
-
-
-def _draw(draw, o, cx, cy):
-    """Draw object o centred at (cx, cy); returns its box [x0, y0, x1, y1] (inclusive pixels)."""
-    r, c = SIZES[o["size"]], COLORS[o["color"]]
-    if o["shape"] == "circle":
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=c)
-    elif o["shape"] == "square":
-        draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=c)
-    elif o["shape"] == "triangle":
-        draw.polygon([(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)], fill=c)
-    else:  # cross
-        t = max(2, r // 3)
-        draw.rectangle([cx - r, cy - t, cx + r, cy + t], fill=c)
-        draw.rectangle([cx - t, cy - r, cx + t, cy + r], fill=c)
-    return [cx - r, cy - r, cx + r, cy + r]
-
-
-def _background(nrng):
-    """Light plain colour with a little noise, (CANVAS, CANVAS, 3) uint8."""
-    base = nrng.integers(190, 240, size=3)
-    return np.clip(base + nrng.normal(0, 5, size=(CANVAS, CANVAS, 1)), 0, 255).astype(np.uint8)
-
-
-def _centres(rng, objs, where):
-    """Centres that make `where` true beyond doubt: along its axis each object lies in its own
-    half of the canvas; across it both sit near one line, so "left of" never reads as "above"."""
-    mid, rs = CANVAS // 2, [SIZES[o["size"]] for o in objs]
-
-    def half(r, first):
-        return rng.randint(1 + r, mid - 1 - r) if first else rng.randint(mid + r, CANVAS - 2 - r)
-    line = rng.randint(max(rs) + 5, CANVAS - max(rs) - 6)
-    if len(objs) == 1:
-        along = half(rs[0], where in ("on the left", "at the top"))
-        return [(along, line) if where in ("on the left", "on the right") else (line, along)]
-    first = where in ("to the left of", "above")
-    xy = [(half(r, first == (k == 0)), line + rng.randint(-4, 4)) for k, r in enumerate(rs)]
-    return xy if where in ("to the left of", "to the right of") else [(y, x) for x, y in xy]
-
-
-def _random_object(rng):
-    return dict(color=rng.choice(list(COLORS)), shape=rng.choice(SHAPES), size=rng.choice(list(SIZES)))
-
-
-def _random_scene(rng):
-    """One object and a place (20%) or two different objects and a relation."""
-    objs = [_random_object(rng)]
-    if rng.random() < 0.2:
-        return objs, rng.choice(PLACES)
-    while True:
-        o = _random_object(rng)
-        if o != objs[0]:
-            return objs + [o], rng.choice(list(CONVERSE))
-
-
-def _variant(rng, objs, where):
-    """The scene with exactly one thing changed (colour, shape, size or relation): a hard
-    negative, so that retrieval cannot succeed on any single attribute."""
-    objs = [dict(o) for o in objs]
-    what = rng.choice(["color", "shape", "size", "where"])
-    if what == "where":
-        options = [p for p in PLACES if p != where] if len(objs) == 1 else [CONVERSE[where]]
-        return objs, rng.choice(options)
-    o = rng.choice(objs)
-    pool = {"color": list(COLORS), "shape": list(SHAPES), "size": list(SIZES)}[what]
-    o[what] = rng.choice([v for v in pool if v != o[what]])
-    return objs, where
-
-
-def _captions(objs, where):
-    if len(objs) == 1:
-        return [f"{_phrase(objs[0])} {where}", f"there is {_phrase(objs[0])} {where}"]
-    a, b = objs
-    return [f"{_phrase(a)} {where} {_phrase(b)}", f"{_phrase(b)} {CONVERSE[where]} {_phrase(a)}"]
-
-
-def _questions(rng, objs):
-    """VQA pairs (question, answer, answer family) about colour, shape, size, count, presence."""
-    qs = [("how many shapes are there?", str(len(objs)), ["1", "2", "3"])]
-    for o in objs:
-        if sum(p["shape"] == o["shape"] for p in objs) == 1:
-            qs.append((f"what color is the {o['shape']}?", o["color"], list(COLORS)))
-        if sum(p["color"] == o["color"] for p in objs) == 1:
-            qs.append((f"what shape is the {o['color']} object?", o["shape"], list(SHAPES)))
-            qs.append((f"is the {o['color']} {o['shape']} small or large?", o["size"], list(SIZES)))
-    o = dict(color=rng.choice(list(COLORS)), shape=rng.choice(SHAPES))
-    present = any(p["color"] == o["color"] and p["shape"] == o["shape"] for p in objs)
-    qs.append((f"is there a {o['color']} {o['shape']}?", "yes" if present else "no", ["yes", "no"]))
-    return rng.sample(qs, 2)
-
-
-def _answers(rng, answer, family):
-    """Ten annotators; up to two disagree, so the majority is always right."""
-    out = [answer] * 10
-    for k in rng.sample(range(10), rng.randint(0, 2)):
-        out[k] = rng.choice([a for a in family if a != answer])
-    return out
-
-
-def write_video(path, frames, fps=8, gop=4):
-    """uint8 frames (N, H, W, 3), even H and W -> H.264 mp4; small GOP so seeking is cheap."""
-    with av.open(path, "w") as c:
-        s = c.add_stream("libx264", rate=fps)
-        s.width, s.height, s.pix_fmt, s.gop_size = frames.shape[2], frames.shape[1], "yuv420p", gop
-        s.options = {"crf": "18"}
-        for f in frames:
-            for p in s.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")):
-                c.mux(p)
-        for p in s.encode():
-            c.mux(p)
-
-
-def _clip(rng, nrng, o, motion, T=16):
-    """Frames (T, CANVAS, CANVAS, 3) of object o crossing the canvas; and its first-frame box."""
-    r = SIZES[o["size"]]
-    a, b = CANVAS - 2 - r, 1 + r  # left/up: from the high side to the low side
-    if motion in ("right", "down"):
-        a, b = b, a
-    other, bg, frames, boxes = rng.randint(r + 5, CANVAS - r - 6), _background(nrng), [], []
-    for t in range(T):
-        p = round(a + (b - a) * t / (T - 1))
-        im = Image.fromarray(bg.copy())
-        boxes.append(_draw(ImageDraw.Draw(im), o, *((p, other) if motion in ("left", "right") else (other, p))))
-        frames.append(np.asarray(im))
-    return np.stack(frames), boxes[0]
-
-
-def make_demo(out_dir, n_train=400, n_val=100, n_videos=60, seed=0):
-    """Write the demo dataset (deterministic in seed) and return {name: jsonl path}.
-    Images: n_train + n_val; videos: n_videos split 80/20; VQA: two questions per image.
-    Kept as is when a finished one with the same settings is already there."""
-    names = ["images_train", "images_val", "videos_train", "videos_val", "vqa_train", "vqa_val"]
-    paths = {k: os.path.join(out_dir, k + ".jsonl") for k in names}
-    settings = dict(n_train=n_train, n_val=n_val, n_videos=n_videos, seed=seed, canvas=CANVAS)
-    done = os.path.join(out_dir, "demo.json")  # written last: its presence means complete
-    if os.path.isfile(done) and all(map(os.path.isfile, paths.values())):
-        with open(done) as f:
-            if json.load(f) == settings:
-                return paths
-    for sub in ("images", "videos"):
-        os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
-    rng, nrng = random.Random(seed), np.random.default_rng(seed)
-    seen, qid = set(), 0
-
-    def fresh(make, key=lambda scene: min(_captions(*scene))):  # a caption no earlier item has
-        for _ in range(100):
-            scene = make()
-            if key(scene) not in seen:
-                break
-        seen.add(key(scene))
-        return scene
-
-    for split, n in (("train", n_train), ("val", n_val)):
-        rows, vqa = [], []
-        for i in range(n):
-            if i % 2 == 0:
-                objs, where = fresh(lambda: _random_scene(rng))
-            else:  # the previous scene with one thing changed: its hard negative
-                objs, where = fresh(lambda: _variant(rng, objs, where))
-            im = Image.fromarray(_background(nrng))
-            draw = ImageDraw.Draw(im)
-            boxes = [_draw(draw, o, cx, cy) for o, (cx, cy) in zip(objs, _centres(rng, objs, where))]
-            rel = f"images/{split}_{i:05d}.jpg"
-            im.save(os.path.join(out_dir, rel), quality=95)
-            rows.append(dict(image=rel, caption=_captions(objs, where), objects=objs, boxes=boxes, where=where))
-            for q, a, family in _questions(rng, objs):
-                vqa.append(dict(image=rel, question=q, answers=_answers(rng, a, family), question_id=qid))
-                qid += 1
-        write_jsonl(rows, paths[f"images_{split}"])
-        write_jsonl(vqa, paths[f"vqa_{split}"])
-    n_val_videos = max(1, n_videos // 5) if n_videos > 1 else 0
-    for split, n in (("train", n_videos - n_val_videos), ("val", n_val_videos)):
-        rows = []
-        for i in range(n):
-            o, motion = fresh(lambda: (_random_object(rng), rng.choice(list(MOTIONS))),
-                              key=lambda scene: f"{_phrase(scene[0])} moving {scene[1]}")
-            frames, box = _clip(rng, nrng, o, motion)
-            rel = f"videos/{split}_{i:05d}.mp4"
-            write_video(os.path.join(out_dir, rel), frames)
-            caps = [f"{_phrase(o)} moving {motion}", f"the {o['color']} {o['shape']} moves {MOTIONS[motion]}"]
-            rows.append(dict(video=rel, caption=caps, objects=[o], boxes=[box], motion=motion))
-        write_jsonl(rows, paths[f"videos_{split}"])
-    with open(done, "w") as f:
-        json.dump(settings, f)
-    return paths
-
-# -----------------------------------------------------------------------------
-# converters from the standard annotation files
-
-
-def _warn_missing(rows, key):
-    missing = sum(not os.path.isfile(r[key]) for r in rows)
-    if missing:
-        warnings.warn(f"{missing} of {len(rows)} {key} files do not exist (yet); read_jsonl will reject them")
-
-
-def convert_karpathy(json_path, split, images_root):
-    """Karpathy split json (COCO or Flickr30K dataset_*.json) -> rows with grouped captions.
-    train takes restval too; val/test keep the first 5 captions (the standard protocol)."""
-    with open(json_path) as f:
-        data = json.load(f)
-    want = ("train", "restval") if split == "train" else (split,)
-    rows = []
-    for im in data["images"]:
-        if im["split"] not in want:
-            continue
-        caps = [s["raw"].strip() for s in im["sentences"] if s["raw"].strip()]
-        caps = caps if split == "train" else caps[:5]
-        path = os.path.join(images_root, im.get("filepath", ""), im["filename"])
-        rows.append(dict(image=os.path.abspath(path), caption=caps, id=im.get("cocoid", im.get("imgid"))))
-    _warn_missing(rows, "image")
-    return rows
-
-
-def convert_msrvtt(split_file, videos_root, data_json=None):
-    """MSRVTT 1k-A. split_file is either the JSFusion test csv (key,vid_key,video_id,sentence:
-    one caption per video) or a list of training ids (train_list_jsfusion.txt, one id a line,
-    or a csv with a video_id column) whose captions come from MSRVTT_data.json."""
-    with open(split_file, newline="") as f:
-        if split_file.endswith(".csv"):
-            table = list(csv.DictReader(f))
-        else:
-            table = [{"video_id": line.strip()} for line in f if line.strip()]
-
-    def video(vid):
-        return os.path.abspath(os.path.join(videos_root, vid + ".mp4"))
-    if table and "sentence" in table[0]:
-        rows = [dict(video=video(t["video_id"]), caption=t["sentence"].strip(), id=t["video_id"]) for t in table]
-    else:
-        if data_json is None:
-            raise ValueError("a list of training videos needs --data-json (MSRVTT_data.json) for the captions")
-        with open(data_json) as f:
-            sentences = json.load(f)["sentences"]
-        caps = {}
-        for s in sentences:
-            caps.setdefault(s["video_id"], []).append(s["caption"].strip())
-        rows = [dict(video=video(t["video_id"]), caption=caps[t["video_id"]], id=t["video_id"])
-                for t in table if caps.get(t["video_id"])]
-        if len(rows) < len(table):
-            warnings.warn(f"{len(table) - len(rows)} videos have no captions in {data_json}; left out")
-    _warn_missing(rows, "video")
-    return rows
-
-
-def convert_vqa(questions_json, images_root, annotations_json=None, subtype=None):
-    """VQA v2 questions (+ annotations) -> rows {image, question, question_id, image_id, answers}.
-    images_root holds the COCO files themselves (e.g. coco/val2014). Without annotations
-    (test-dev) answers are []."""
-    with open(questions_json) as f:
-        qdata = json.load(f)
-    sub = subtype or qdata.get("data_subtype")
-    if not sub:
-        raise ValueError(f"{questions_json}: no data_subtype; pass subtype (e.g. val2014)")
-    img_sub = "test2015" if sub.startswith("test") else sub  # test-dev2015 asks about test2015 images
-    answers = {}
-    if annotations_json:
-        with open(annotations_json) as f:
-            for a in json.load(f)["annotations"]:
-                answers[a["question_id"]] = [x["answer"] for x in a["answers"]]
-    rows = []
-    for q in qdata["questions"]:
-        path = os.path.join(images_root, f"COCO_{img_sub}_{q['image_id']:012d}.jpg")
-        rows.append(dict(image=os.path.abspath(path), question=q["question"], question_id=q["question_id"],
-                         image_id=q["image_id"], answers=answers.get(q["question_id"], [])))
-    _warn_missing(rows, "image")
-    return rows
-
-# -----------------------------------------------------------------------------
 
 
 def main(argv=None):
@@ -800,6 +516,8 @@ def main(argv=None):
     c.add_argument("--annotations", help="vqa: annotations json (leave out for test-dev)")
     c.add_argument("--subtype", help="vqa: image subtype (default: the questions' data_subtype)")
     a = p.parse_args(argv)
+    from convert import convert_karpathy, convert_msrvtt, convert_vqa  # side files that import this one
+    from demo import make_demo
     if a.cmd == "demo":
         for name, path in make_demo(a.out, a.n_train, a.n_val, a.n_videos, a.seed).items():
             print(f"{name}: {path}")

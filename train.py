@@ -7,8 +7,6 @@
     python train.py --task retrieval --init runs/demo/last.pt ...   # fine-tuning (METHOD.md §7)
 """
 import argparse
-import errno
-import fcntl
 import inspect
 import json
 import math
@@ -24,8 +22,11 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from data import Collator, DataError, PairDataset, Tokenizer, make_demo, read_jsonl
+from data import Collator, DataError, PairDataset, Tokenizer, read_jsonl
+from demo import make_demo
 from eval import Interrupted, build_answer_vocab, evaluate_retrieval, evaluate_vqa, soft_targets
+from guard import (BAD_DATA, SAVE_FAILED, STOP, Agreement, check_flags, check_model_flags, check_unlocked,
+                   claim_run_folder, load_checkpoint, save_checkpoint)
 from model import CONFIGS, Config, SCLModel, text_config
 
 
@@ -116,49 +117,6 @@ def given_flags(argv):
     if isinstance(argv, TrainConfig):
         return {f.name for f in fields(TrainConfig) if getattr(argv, f.name) != f.default}
     return set(vars(_parser(given_only=True).parse_args(argv)))
-
-
-def check_flags(cfg):
-    """Every flag that does not depend on the model, at start-up, one line each."""
-    def need(ok, flag, why):
-        if not ok:
-            raise SystemExit(f"--{flag.replace('_', '-')} {getattr(cfg, flag)}: {why}")
-    for name in ("steps", "batch_size", "grad_accum", "frames", "save_every", "log_every", "max_bad_steps",
-                 "min_answer_count"):
-        need(getattr(cfg, name) >= 1, name, "must be at least 1")
-    for name in ("video_batch_size", "workers", "eval_every", "val_k", "weight_decay", "clip_grad"):
-        need(getattr(cfg, name) >= 0, name, "must be 0 or more")
-    need(cfg.lr > 0, "lr", "must be positive")
-    need(cfg.head_lr_mult > 0, "head_lr_mult", "must be positive")
-    need(0 < cfg.beta2 < 1, "beta2", "must lie in (0, 1)")
-    need(0 <= cfg.warmup <= 1, "warmup", "is a fraction of the steps, in [0, 1]")
-    need(0 <= cfg.video_ratio <= 1, "video_ratio", "is a fraction of the micro-steps, in [0, 1]")
-    for name in ("w_itc", "w_itm", "w_mlm", "w_scl"):
-        need(getattr(cfg, name) >= 0 or getattr(cfg, name) == -1, name, "must be 0 or more (-1: the task's)")
-    need(cfg.image_mask_ratio == -1 or 0 <= cfg.image_mask_ratio < 1, "image_mask_ratio",
-         "is the fraction of patches dropped, in [0, 1) (-1: the model's)")
-    need(cfg.max_text_len >= 3, "max_text_len", "needs room for [CLS], one word and [SEP] (at least 3)")
-    need(cfg.vocab_size >= 16, "vocab_size", "must be at least 16")
-    for name in ("image_size", "video_size"):
-        need(getattr(cfg, name) >= 0, name, "must be positive (0: the default)")
-    need(re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device) is not None, "device", "must be auto, cpu, cuda or cuda:N")
-    if cfg.device.startswith("cuda"):
-        need(torch.cuda.is_available(), "device", "CUDA is not available on this machine")
-        index = int(cfg.device.split(":")[1]) if ":" in cfg.device else 0
-        need(index < torch.cuda.device_count(), "device", f"this machine has {torch.cuda.device_count()} CUDA devices")
-    need(not (cfg.resume and cfg.overwrite), "overwrite", "and --resume contradict each other")
-
-
-def check_model_flags(cfg, config):
-    """The flags whose valid range depends on the model."""
-    positions = config.max_positions - (config.pad_token_id + 1 if config.text_kind == "roberta" else 0)
-    if cfg.max_text_len > positions:
-        raise SystemExit(f"--max-text-len {cfg.max_text_len}: the text encoder has {positions} positions")
-    p = config.patch_size
-    for name in ("image_size", "video_size"):
-        size = getattr(cfg, name)
-        if size and (size < p or size % p):
-            raise SystemExit(f"--{name.replace('_', '-')} {size}: must be a multiple of the patch size {p}")
 
 
 # -- data -------------------------------------------------------------------------------------------
@@ -295,121 +253,6 @@ def lr_factor(step, cfg):
     return (step + 1) / warm if step < warm else max(0.0, (cfg.steps - step) / max(1, cfg.steps - warm))
 
 
-# -- checkpoints ------------------------------------------------------------------------------------
-
-def save_checkpoint(path, state):
-    """Write atomically: a temp file in the same folder, fsync, rename. A crash mid-write leaves the
-    previous checkpoint as it was. A failed write raises SystemExit with one line saying so."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:
-        # torch.save reports a short write (a full disk) as "unexpected pos" from its zip writer
-        full = getattr(e, "errno", None) == errno.ENOSPC or "unexpected pos" in str(e)
-        why = "no space left on device" if full else f"{type(e).__name__}: {e}"
-        raise SystemExit(f"{why} while writing {path}; the previous checkpoint is intact") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def load_checkpoint(path):
-    """A checkpoint written by this script (a plain state dict is refused with one line)."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise SystemExit(f"{path}: checkpoint not found") from None
-    except Exception as e:
-        raise SystemExit(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
-    if not isinstance(ckpt, dict) or not {"model", "config", "tokenizer"} <= ckpt.keys():
-        raise SystemExit(f"{path}: not an SCL checkpoint (no model/config/tokenizer; a plain state dict "
-                         f"cannot say which model and tokenizer it belongs to)")
-    return ckpt
-
-# -- the run folder ---------------------------------------------------------------------------------
-
-
-RUN_FILES = ("last.pt", "best.pt", "nonfinite.pt", "metrics.jsonl", "tokenizer.json")
-
-
-def _holder(lock_path):
-    """The pid written in a held lock file, for the message."""
-    try:
-        with open(lock_path) as f:
-            return f.read().strip() or "?"
-    except OSError:
-        return "?"
-
-
-def check_unlocked(out):
-    """Refuse early (before reading anything of the folder) when another run holds it."""
-    path = os.path.join(out, ".lock")
-    if not os.path.isfile(path):
-        return
-    with open(path) as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise SystemExit(f"another run (pid {_holder(path)}) is using {out}: wait for it or choose "
-                             f"another --out") from None
-
-
-def claim_run_folder(cfg, ckpt_step):
-    """Create --out and hold an exclusive lock on it for the run's lifetime (rank 0, after every start-up
-    check). Refuses a folder that holds an earlier run unless --resume or --overwrite; removes the temp
-    files of saves that were killed; on resume drops the metrics logged after the checkpoint.
-    Returns the open lock file (closing it releases the lock)."""
-    os.makedirs(cfg.out, exist_ok=True)
-    lock_path = os.path.join(cfg.out, ".lock")
-    lock = open(lock_path, "a+")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.close()
-        raise SystemExit(f"another run (pid {_holder(lock_path)}) is using {cfg.out}: wait for it or choose "
-                         f"another --out") from None
-    lock.truncate(0)
-    lock.write(str(os.getpid()))
-    lock.flush()
-    used = [f for f in ("last.pt", "best.pt", "nonfinite.pt") if os.path.exists(os.path.join(cfg.out, f))]
-    if used and not cfg.resume and not cfg.overwrite:
-        lock.close()
-        raise SystemExit(f"{cfg.out} holds an earlier run ({', '.join(used)}): continue it with --resume, "
-                         f"choose another --out, or pass --overwrite to replace it")
-    for name in os.listdir(cfg.out):
-        m = re.fullmatch(r".+\.tmp(\d+)", name)
-        if m and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
-            os.remove(os.path.join(cfg.out, name))
-            print(f"removed {os.path.join(cfg.out, name)}: a temp file of process {m.group(1)}, which was killed "
-                  f"while saving")
-    if cfg.overwrite:
-        for name in RUN_FILES:
-            if os.path.exists(os.path.join(cfg.out, name)):
-                os.remove(os.path.join(cfg.out, name))
-    metrics = os.path.join(cfg.out, "metrics.jsonl")
-    if cfg.resume and os.path.exists(metrics):  # what was logged after the checkpoint is done again
-        with open(metrics) as f:
-            lines = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= ckpt_step]
-        with open(metrics + ".tmp", "w") as f:
-            f.writelines(lines + [json.dumps({"step": ckpt_step, "resumed": True}) + "\n"])
-        os.replace(metrics + ".tmp", metrics)
-    return lock
-
-
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def resume_settings(cfg, given, saved):
     """The run's saved TrainConfig, with the few flags that may change on resume taken from the command
     line. A flag given with a value different from the run's is an error."""
@@ -440,32 +283,6 @@ def setup_distributed(cfg):
         torch.cuda.set_device(local)
         return rank, world, torch.device("cuda", local)
     return rank, world, torch.device("cpu")
-
-
-class Agreement:
-    """Decisions every rank must take together (stop, a failed save, bad data on one rank): one tiny
-    all-reduce (max) over a gloo group on the CPU, so it never waits for the GPU."""
-
-    def __init__(self, world):
-        self.group = dist.new_group(backend="gloo") if world > 1 else None
-
-    def __call__(self, code):
-        if self.group is None:
-            return code
-        x = torch.tensor([code], dtype=torch.int64)
-        dist.all_reduce(x, op=dist.ReduceOp.MAX, group=self.group)
-        return int(x)
-
-    def gather(self, obj):
-        """[obj of every rank]"""
-        if self.group is None:
-            return [obj]
-        out = [None] * dist.get_world_size()
-        dist.all_gather_object(out, obj, group=self.group)
-        return out
-
-
-STOP, SAVE_FAILED, BAD_DATA = 1, 2, 4  # bits of the agreed code
 
 
 def read_rows(path, cfg, skipped):

@@ -16,7 +16,9 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import convert  # noqa: E402
 import data  # noqa: E402
+import demo as demo_module  # noqa: E402
 from data import (Collator, DataError, PairDataset, Tokenizer, load_image, load_video,  # noqa: E402
                   read_jsonl, write_jsonl)
 
@@ -412,11 +414,11 @@ def test_dataset_bad_file_and_vqa_batch(tmp_path, minilm):
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    return out, data.make_demo(out, n_train=40, n_val=10, n_videos=5, seed=0)
+    return out, demo_module.make_demo(out, n_train=40, n_val=10, n_videos=5, seed=0)
 
 
 def nearest_color(rgb):
-    return min(data.COLORS, key=lambda c: sum((a - b) ** 2 for a, b in zip(data.COLORS[c], rgb)))
+    return min(demo_module.COLORS, key=lambda c: sum((a - b) ** 2 for a, b in zip(demo_module.COLORS[c], rgb)))
 
 
 def test_demo_images(demo):
@@ -483,13 +485,13 @@ def test_demo_videos_and_vqa(demo):
 
 def test_demo_deterministic_and_cached(demo, tmp_path):
     out, paths = demo
-    again = data.make_demo(tmp_path / "d", n_train=40, n_val=10, n_videos=5, seed=0)
+    again = demo_module.make_demo(tmp_path / "d", n_train=40, n_val=10, n_videos=5, seed=0)
     for k in paths:
         assert open(paths[k]).read() == open(again[k]).read()
     for name in ("images/train_00007.jpg", "videos/val_00000.mp4"):
         assert (out / name).read_bytes() == (tmp_path / "d" / name).read_bytes()
     stamp = os.path.getmtime(again["images_train"])
-    data.make_demo(tmp_path / "d", n_train=40, n_val=10, n_videos=5, seed=0)
+    demo_module.make_demo(tmp_path / "d", n_train=40, n_val=10, n_videos=5, seed=0)
     assert os.path.getmtime(again["images_train"]) == stamp  # complete: not regenerated
     # minimal pairs: each odd image differs from the one before in exactly one attribute
     rows = read_jsonl(paths["images_train"])
@@ -519,10 +521,10 @@ def test_convert_karpathy(tmp_path):
     (tmp_path / "dataset_coco.json").write_text(json.dumps(coco))
     os.makedirs(tmp_path / "coco" / "val2014")
     Image.new("RGB", (8, 8)).save(tmp_path / "coco" / "val2014" / "COCO_val2014_000000000001.jpg")
-    test = data.convert_karpathy(tmp_path / "dataset_coco.json", "test", tmp_path / "coco")
+    test = convert.convert_karpathy(tmp_path / "dataset_coco.json", "test", tmp_path / "coco")
     assert len(test) == 1 and test[0]["caption"] == [f"caption {i}" for i in range(5)] and test[0]["id"] == 1
     with pytest.warns(UserWarning, match="2 of 2"):
-        train = data.convert_karpathy(tmp_path / "dataset_coco.json", "train", tmp_path / "coco")
+        train = convert.convert_karpathy(tmp_path / "dataset_coco.json", "train", tmp_path / "coco")
     assert [r["id"] for r in train] == [2, 3] and len(train[1]["caption"]) == 7
     assert train[1]["image"] == str(tmp_path / "coco" / "train2014" / "COCO_train2014_000000000003.jpg")
     data.main(["convert", "karpathy", str(tmp_path / "dataset_coco.json"), "--split", "test",
@@ -534,7 +536,7 @@ def test_convert_karpathy(tmp_path):
          "filename": "1000092795.jpg"}]}
     (tmp_path / "dataset_flickr30k.json").write_text(json.dumps(flickr))
     with pytest.warns(UserWarning):
-        rows = data.convert_karpathy(tmp_path / "dataset_flickr30k.json", "test", tmp_path / "f30k")
+        rows = convert.convert_karpathy(tmp_path / "dataset_flickr30k.json", "test", tmp_path / "f30k")
     assert rows == [{"image": str(tmp_path / "f30k" / "1000092795.jpg"), "caption": ["a dog runs"] * 5, "id": 0}]
 
 
@@ -551,11 +553,11 @@ def test_convert_msrvtt(tmp_path):
         "ret1,msr7021,video7021,\"a man, with a hat, talks\"\n")
     write_clip(tmp_path / "video7020.mp4", 8)
     with pytest.warns(UserWarning):
-        train = data.convert_msrvtt(str(tmp_path / "train_list_jsfusion.txt"), tmp_path, tmp_path / "MSRVTT_data.json")
+        train = convert.convert_msrvtt(str(tmp_path / "train_list_jsfusion.txt"), tmp_path, tmp_path / "MSRVTT_data.json")
     assert [r["id"] for r in train] == ["video0", "video2"] and len(train[1]["caption"]) == 20
     assert train[1]["caption"][3] == "clip 2 caption 3" and train[0]["video"] == str(tmp_path / "video0.mp4")
     with pytest.warns(UserWarning, match="1 of 2"):
-        test = data.convert_msrvtt(str(tmp_path / "MSRVTT_JSFUSION_test.csv"), tmp_path)
+        test = convert.convert_msrvtt(str(tmp_path / "MSRVTT_JSFUSION_test.csv"), tmp_path)
     assert [(r["id"], r["caption"]) for r in test] == [("video7020", "a family is having conversation"),
                                                          ("video7021", "a man, with a hat, talks")]
     write_jsonl(test, tmp_path / "t.jsonl")
@@ -578,7 +580,7 @@ def test_convert_vqa(tmp_path):
     (tmp_path / "q.json").write_text(json.dumps(qs))
     (tmp_path / "a.json").write_text(json.dumps(ans))
     with pytest.warns(UserWarning):
-        rows = data.convert_vqa(tmp_path / "q.json", tmp_path / "val2014", tmp_path / "a.json")
+        rows = convert.convert_vqa(tmp_path / "q.json", tmp_path / "val2014", tmp_path / "a.json")
     assert rows[0]["image"] == str(tmp_path / "val2014" / "COCO_val2014_000000000042.jpg")
     assert rows[0]["answers"] == ["black"] * 8 + ["gray"] * 2 and rows[1]["answers"] == ["2"] * 10
     assert rows[0]["question"] == "What color is the cat?" and rows[1]["question_id"] == 7001
@@ -587,7 +589,7 @@ def test_convert_vqa(tmp_path):
     os.makedirs(tmp_path / "test2015")
     Image.new("RGB", (8, 8)).save(tmp_path / "test2015" / "COCO_test2015_000000000042.jpg")
     with pytest.warns(UserWarning, match="1 of 2"):
-        rows = data.convert_vqa(tmp_path / "dev.json", tmp_path / "test2015")
+        rows = convert.convert_vqa(tmp_path / "dev.json", tmp_path / "test2015")
     assert rows[0]["answers"] == [] and rows[0]["image"].endswith("COCO_test2015_000000000042.jpg")
     write_jsonl(rows, tmp_path / "dev.jsonl")
     got = read_jsonl(tmp_path / "dev.jsonl", skip_bad=True)

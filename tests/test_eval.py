@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 import eval as ev
+import pictures
 from data import PairDataset
 from model import CONFIGS, SCLModel
 
@@ -433,7 +434,7 @@ def test_show_html(tmp_path, embed):
     correct = [paths[0], paths[5], paths[4]]  # at ranks 1, 5 and 3
     page = tmp_path / "out" / "show.html"
     page.parent.mkdir()
-    ev.write_show_html(str(page), ["a red circle", "<b>escaped</b> & co", "x"], ranked, correct, embed=embed)
+    pictures.write_show_html(str(page), ["a red circle", "<b>escaped</b> & co", "x"], ranked, correct, embed=embed)
     text = page.read_text(encoding="utf-8")
     p = PageParser()
     p.feed(text)
@@ -444,7 +445,7 @@ def test_show_html(tmp_path, embed):
     else:  # relative links that resolve to the images
         assert all((page.parent / s).resolve().is_file() for s in p.imgs)
     # one query misses its image: one mark fewer
-    ev.write_show_html(str(page), ["q"] * 3, ranked, [paths[0], paths[6], paths[4]], embed=embed)
+    pictures.write_show_html(str(page), ["q"] * 3, ranked, [paths[0], paths[6], paths[4]], embed=embed)
     p = PageParser()
     p.feed(page.read_text(encoding="utf-8"))
     assert p.hits == 2
@@ -457,7 +458,7 @@ def test_attention_png(tmp_path):
     handle = cross.register_forward_hook(
         lambda m, args, kwargs, out: seen.update(x=args[0], ctx=kwargs["context"], out=out), with_kwargs=True)
     out = tmp_path / "att.png"
-    att = ev.write_attention_png(model, tok, path, "a red circle", str(out), image_size=64, max_len=16)
+    att = pictures.write_attention_png(model, tok, path, "a red circle", str(out), image_size=64, max_len=16)
     handle.remove()
     with Image.open(out) as im:
         im.load()
@@ -475,7 +476,7 @@ def test_attention_png(tmp_path):
 def test_attention_on_clip_uses_all_frames(tmp_path):
     model, tok = tiny_model(), CharTokenizer()
     pixels = torch.randn(3, 3, 64, 64)                                      # a 3-frame clip
-    att = ev.write_attention_png(model, tok, pixels, "moving left", str(tmp_path / "clip.png"), max_len=16)
+    att = pictures.write_attention_png(model, tok, pixels, "moving left", str(tmp_path / "clip.png"), max_len=16)
     assert att.shape == (model.config.fusion_heads, 3 * (1 + 64))
     torch.testing.assert_close(att.sum(-1), torch.ones(att.shape[0]))
     with Image.open(tmp_path / "clip.png") as im:
@@ -698,14 +699,14 @@ def test_video_is_the_rows_kind_not_the_extension(tmp_path, name, fmt):
     """A video with an extension no list foresees (.ts, .flv, .3gp, ...): its row's kind decides; a bare
     path (--attention-image) is probed, as an image first, then as a video."""
     path = write_clip(tmp_path / name, fmt=fmt)
-    clip = ev.load_clip(path, 32, frames=3, kind="video")
+    clip = pictures.load_clip(path, 32, frames=3, kind="video")
     assert clip.shape == (3, 3, 32, 32)
-    torch.testing.assert_close(ev.load_clip(path, 32, frames=3), clip)
+    torch.testing.assert_close(pictures.load_clip(path, 32, frames=3), clip)
     with pytest.raises(ev.DataError, match=name):
-        ev.load_clip(path, 32, kind="image")
+        pictures.load_clip(path, 32, kind="image")
     for embed in (False, True):  # a JPEG thumbnail of the clip, never an <img> of the video file
         page = tmp_path / f"show_{embed}.html"
-        ev.write_show_html(str(page), ["q"], [[path]], [path], embed=embed, kind="video")
+        pictures.write_show_html(str(page), ["q"], [[path]], [path], embed=embed, kind="video")
         p = PageParser()
         p.feed(page.read_text(encoding="utf-8"))
         (src,), = [p.imgs]
@@ -715,7 +716,7 @@ def test_video_is_the_rows_kind_not_the_extension(tmp_path, name, fmt):
             with Image.open(page.parent / src) as im:
                 assert im.format == "JPEG"
     model, tok = tiny_model(), CharTokenizer()
-    att = ev.write_attention_png(model, tok, path, "moving", str(tmp_path / "att.png"), image_size=64, frames=2,
+    att = pictures.write_attention_png(model, tok, path, "moving", str(tmp_path / "att.png"), image_size=64, frames=2,
                                  max_len=16)
     assert att.shape == (model.config.fusion_heads, 2 * (1 + 64))  # both frames of the clip
 
@@ -750,7 +751,7 @@ def test_cuda_plumbing(gallery, naive_scores, tmp_path):
         for s in (scores["itm_i2t"], scores["itm_t2i"].t()):
             assert torch.isfinite(s).all()
             assert ((s > cos.max() + 0.5).sum(1) == 2).all()  # exactly k lifted candidates per query
-        att = ev.write_attention_png(model, tok, gallery[0]["path"], "a red circle", str(tmp_path / "a.png"),
+        att = pictures.write_attention_png(model, tok, gallery[0]["path"], "a red circle", str(tmp_path / "a.png"),
                                      image_size=64, max_len=16)
         torch.testing.assert_close(att.sum(-1), torch.ones(att.shape[0]))
         vqa = tiny_model(n_answers=3).cuda()

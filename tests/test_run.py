@@ -3,8 +3,6 @@ preemption, resuming with the saved settings, DDP ranks that must stay in step, 
 Each test reproduces a failure of an earlier version (see the README's "Checkpoints and resuming")."""
 import errno
 import itertools
-import fcntl
-import json
 import os
 import signal
 import subprocess
@@ -13,19 +11,18 @@ import time
 
 import pytest
 import torch
-from PIL import Image
 
 import eval as ev
 import model as model_module
 import train
-from data import read_jsonl, write_jsonl
+from data import write_jsonl
 from test_train import (REPO, absolute_rows, free_port, images_jsonl, load, metrics, flags, train_entries,
                         write_corrupt_image)
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    from data import make_demo
+    from demo import make_demo
     return make_demo(str(tmp_path_factory.mktemp("demo")), n_train=24, n_val=8, n_videos=10)
 
 

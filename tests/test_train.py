@@ -20,7 +20,8 @@ from PIL import Image
 import eval as ev
 import model as model_module
 import train
-from data import DataError, Tokenizer, make_demo, read_jsonl, write_jsonl
+from data import DataError, Tokenizer, read_jsonl, write_jsonl
+from demo import make_demo
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -1,0 +1,85 @@
+"""Converters from the standard annotation files to this project's jsonl (`python data.py convert ...`):
+Karpathy's COCO / Flickr30K splits, MSRVTT 1k-A and VQA v2. Not needed to read the method.
+"""
+import csv
+import json
+import os
+import warnings
+
+
+def _warn_missing(rows, key):
+    missing = sum(not os.path.isfile(r[key]) for r in rows)
+    if missing:
+        warnings.warn(f"{missing} of {len(rows)} {key} files do not exist (yet); read_jsonl will reject them")
+
+
+def convert_karpathy(json_path, split, images_root):
+    """Karpathy split json (COCO or Flickr30K dataset_*.json) -> rows with grouped captions.
+    train takes restval too; val/test keep the first 5 captions (the standard protocol)."""
+    with open(json_path) as f:
+        data = json.load(f)
+    want = ("train", "restval") if split == "train" else (split,)
+    rows = []
+    for im in data["images"]:
+        if im["split"] not in want:
+            continue
+        caps = [s["raw"].strip() for s in im["sentences"] if s["raw"].strip()]
+        caps = caps if split == "train" else caps[:5]
+        path = os.path.join(images_root, im.get("filepath", ""), im["filename"])
+        rows.append(dict(image=os.path.abspath(path), caption=caps, id=im.get("cocoid", im.get("imgid"))))
+    _warn_missing(rows, "image")
+    return rows
+
+
+def convert_msrvtt(split_file, videos_root, data_json=None):
+    """MSRVTT 1k-A. split_file is either the JSFusion test csv (key,vid_key,video_id,sentence:
+    one caption per video) or a list of training ids (train_list_jsfusion.txt, one id a line,
+    or a csv with a video_id column) whose captions come from MSRVTT_data.json."""
+    with open(split_file, newline="") as f:
+        if split_file.endswith(".csv"):
+            table = list(csv.DictReader(f))
+        else:
+            table = [{"video_id": line.strip()} for line in f if line.strip()]
+
+    def video(vid):
+        return os.path.abspath(os.path.join(videos_root, vid + ".mp4"))
+    if table and "sentence" in table[0]:
+        rows = [dict(video=video(t["video_id"]), caption=t["sentence"].strip(), id=t["video_id"]) for t in table]
+    else:
+        if data_json is None:
+            raise ValueError("a list of training videos needs --data-json (MSRVTT_data.json) for the captions")
+        with open(data_json) as f:
+            sentences = json.load(f)["sentences"]
+        caps = {}
+        for s in sentences:
+            caps.setdefault(s["video_id"], []).append(s["caption"].strip())
+        rows = [dict(video=video(t["video_id"]), caption=caps[t["video_id"]], id=t["video_id"])
+                for t in table if caps.get(t["video_id"])]
+        if len(rows) < len(table):
+            warnings.warn(f"{len(table) - len(rows)} videos have no captions in {data_json}; left out")
+    _warn_missing(rows, "video")
+    return rows
+
+
+def convert_vqa(questions_json, images_root, annotations_json=None, subtype=None):
+    """VQA v2 questions (+ annotations) -> rows {image, question, question_id, image_id, answers}.
+    images_root holds the COCO files themselves (e.g. coco/val2014). Without annotations
+    (test-dev) answers are []."""
+    with open(questions_json) as f:
+        qdata = json.load(f)
+    sub = subtype or qdata.get("data_subtype")
+    if not sub:
+        raise ValueError(f"{questions_json}: no data_subtype; pass subtype (e.g. val2014)")
+    img_sub = "test2015" if sub.startswith("test") else sub  # test-dev2015 asks about test2015 images
+    answers = {}
+    if annotations_json:
+        with open(annotations_json) as f:
+            for a in json.load(f)["annotations"]:
+                answers[a["question_id"]] = [x["answer"] for x in a["answers"]]
+    rows = []
+    for q in qdata["questions"]:
+        path = os.path.join(images_root, f"COCO_{img_sub}_{q['image_id']:012d}.jpg")
+        rows.append(dict(image=os.path.abspath(path), question=q["question"], question_id=q["question_id"],
+                         image_id=q["image_id"], answers=answers.get(q["question_id"], [])))
+    _warn_missing(rows, "image")
+    return rows
