@@ -208,6 +208,19 @@ class SCLModel(nn.Module):
         nn.init.zeros_(self.vision.temporal)
         nn.init.constant_(self.logit_scale, math.log(1 / self.config.itc_temperature))
 
+    def compile_blocks(self):
+        """Regional compilation: each repeated block (ViT, text encoder, both co-attention stacks) is
+        compiled in place, and one graph per input shape serves every block of its kind, so compiling
+        costs a few blocks, not a 40-block multi-pass graph. Shapes are static on purpose
+        (dynamic=False): a run has a handful of them (images, videos, their masked versions, the 3B ITM
+        batch), each compiled once in the first steps, and static shapes get the fastest kernels; the
+        recompile limit is raised to hold them all. Everything between the blocks (embeddings, masking,
+        hard negatives, heads, losses) stays eager. Returns self."""
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        for block in [*self.vision.blocks, *self.text.layers, *self.text_fusion, *self.vision_fusion]:
+            block.compile(dynamic=False)
+        return self
+
     # -- building blocks, also used by eval.py ---------------------------------------------------
 
     def embed_vision(self, pixels, mask_ratio=0.0):
@@ -289,21 +302,33 @@ class SCLModel(nn.Module):
             img, txt = self.itc_vision(self.vision_global(v)), self.itc_text(t[:, 0])  # (B, E) each
             scale = self.logit_scale.exp()
             out["itc"] = contrastive(img.float(), txt.float(), scale, image_ids)
+        # every pair fused with the FULL clip goes through one fusion call: ITM's 3B pairs, MLM's B and
+        # MLSC's B (fewer, larger kernels, and one compiled graph per modality); rows never interact
+        pairs = {}                                                               # name -> (texts, masks, clips)
         if c.w_itm and B >= 2:  # a hard negative needs another pair in the batch
             with torch.no_grad():
                 neg_t, neg_v = sample_hard_negatives(scale * img @ txt.t(), image_ids)  # (B,), (B,)
             # positives, (image i, its hard negative text), (hard negative image, text j)
-            t3, m3 = torch.cat([t, t[neg_t], t]), torch.cat([mask, mask[neg_t], mask])  # (3B, L, H)
-            v3 = torch.cat([v, v, v[neg_v]])                                         # (3B, T, 1+N, H)
-            labels = torch.cat([ids.new_ones(B), ids.new_zeros(2 * B)])  # made on the device: no copy
-            out["itm"] = itm_loss(self.itm_head(self.pool(*self.fuse(t3, m3, v3))), labels)
+            pairs["itm"] = (torch.cat([t, t[neg_t], t]), torch.cat([mask, mask[neg_t], mask]),  # (3B, L, H)
+                            torch.cat([v, v, v[neg_v]]))                                   # (3B, T, 1+N, H)
         if c.w_mlm:
-            t_mlm, _ = self.fuse(masked[0], mask, v)
-            out["mlm"] = mlm_loss(self.mlm_head(t_mlm), batch["mlm_labels"])
+            pairs["mlm"] = (masked[0], mask, v)
         if c.w_scl:
-            # each pass gives one loss's prediction and the other's (detached) target
+            pairs["mlsc"] = (masked[-1], mask, v)
+        fused = {}                                                               # name -> (fused t, fused v)
+        if pairs:
+            sizes = [p[0].shape[0] for p in pairs.values()]
+            fused_t, fused_v = self.fuse(*(torch.cat(x) for x in zip(*pairs.values())))
+            fused = dict(zip(pairs, zip(fused_t.split(sizes), fused_v.split(sizes))))
+        if "itm" in fused:
+            labels = torch.cat([ids.new_ones(B), ids.new_zeros(2 * B)])  # made on the device: no copy
+            out["itm"] = itm_loss(self.itm_head(self.pool(*fused["itm"])), labels)
+        if c.w_mlm:
+            out["mlm"] = mlm_loss(self.mlm_head(fused["mlm"][0]), batch["mlm_labels"])
+        if c.w_scl:
+            # each SCL pass gives one loss's prediction and the other's (detached) target
             t_full, v_part = self.fuse(t, mask, self.embed_vision(pixels, c.image_mask_ratio))  # masked patches
-            t_part, v_full = self.fuse(masked[-1], mask, v)                                  # masked words
+            t_part, v_full = fused["mlsc"]                                                   # masked words
             out["mvsc"] = semantic_completion(self.vision_global(v_part), self.vision_global(v_full),
                                               c.scl_temperature)
             out["mlsc"] = semantic_completion(t_part[:, 0], t_full[:, 0], c.scl_temperature)
@@ -385,3 +410,23 @@ def bert_to_ours(sd, layers):
         raise ValueError(f"text weights lack {missing[:5]}")
     used = {prefix + n for n in names.values()}
     return {ours: sd[prefix + theirs] for ours, theirs in names.items()}, sorted(k for k in sd if k not in used)
+
+
+# -- precision ----------------------------------------------------------------------------------------
+
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def resolve_precision(precision, device):
+    """auto | bf16 | fp32 -> "bf16" or "fp32" on `device`. auto is bf16 on GPUs and on CPUs that multiply
+    bf16 natively (AVX512-BF16 or AMX, as oneDNN reports: about 2x fp32's matmul rate), fp32 elsewhere."""
+    if precision != "auto":
+        return precision
+    if torch.device(device).type == "cuda":
+        return "bf16"
+    return "bf16" if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+
+
+def autocast(device, precision):
+    """The autocast context of a resolved precision: weights stay fp32, matmuls run in bf16."""
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")

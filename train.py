@@ -27,7 +27,7 @@ from demo import make_demo
 from eval import Interrupted, build_answer_vocab, evaluate_retrieval, evaluate_vqa, soft_targets
 from guard import (BAD_DATA, SAVE_FAILED, STOP, Agreement, check_flags, check_model_flags, check_unlocked,
                    claim_run_folder, load_checkpoint, save_checkpoint)
-from model import CONFIGS, Config, SCLModel, text_config
+from model import CONFIGS, PRECISIONS, Config, SCLModel, autocast, resolve_precision, text_config
 
 
 TASKS = ("pretrain", "retrieval", "vqa")
@@ -78,14 +78,15 @@ class TrainConfig:
     max_bad_steps: int = 20       # stop after this many non-finite steps in a row
     skip_bad: bool = False        # skip (and count) unreadable samples instead of stopping
     device: str = "auto"          # auto, cpu, cuda or cuda:N
+    precision: str = "auto"       # auto | bf16 | fp32: auto is bf16 autocast on GPUs and on CPUs with native bf16
     compile: bool = False         # torch.compile the model
     grad_checkpointing: bool = False  # recompute activations in the backward pass to save memory
 
 
-CHOICES = {"task": TASKS, "config": tuple(CONFIGS)}
+CHOICES = {"task": TASKS, "config": tuple(CONFIGS), "precision": PRECISIONS}
 # what may differ on --resume; everything else is the run's and is restored from the checkpoint
 RESUMABLE = {"steps", "workers", "eval_every", "save_every", "log_every", "max_bad_steps", "skip_bad", "device",
-             "compile", "grad_checkpointing", "resume", "out"}
+             "precision", "compile", "grad_checkpointing", "resume", "out"}
 
 
 def _parser(given_only=False):
@@ -312,6 +313,7 @@ def _main(argv, to_close):
     given = given_flags(argv)
     check_flags(cfg)
     rank, world, device = setup_distributed(cfg)
+    precision = resolve_precision(cfg.precision, device)
     master = rank == 0
     agree = Agreement(world)
     check_unlocked(cfg.out)
@@ -447,7 +449,7 @@ def _main(argv, to_close):
         to_close.append(claim_run_folder(cfg, step))
         tokenizer.save(cfg.out)  # beside the checkpoints (which carry it too), for use outside this code
         print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
-              f"{len(image_rows)} image rows, {len(video_rows)} video rows, device {device}, world {world}")
+              f"{len(image_rows)} image rows, {len(video_rows)} video rows, device {device} ({precision}), world {world}")
     log = open(os.path.join(cfg.out, "metrics.jsonl"), "a") if master else None
     if log:
         to_close.append(log)
@@ -469,9 +471,9 @@ def _main(argv, to_close):
     if world > 1:
         every_loss_on = min(config.w_itc, config.w_itm, config.w_mlm, config.w_scl) > 0 and cfg.task == "pretrain"
         model = DDP(model, device_ids=[device.index] if cuda else None, find_unused_parameters=not every_loss_on)
-    if cfg.compile:
-        model = torch.compile(model)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
+    if cfg.compile:  # per block, before DDP wraps the model; validation runs eager (see validate)
+        raw_model.compile_blocks()
+    amp = autocast(device, precision)
 
     # SIGTERM / SIGINT: finish the step (or the validation batch), save, exit cleanly; a second
     # SIGINT (Ctrl-C twice) stops at once
@@ -496,17 +498,20 @@ def _main(argv, to_close):
             return None
         results, bad = {}, []
         try:
-            for kind, rows in val_sets.items():
-                kw = dict(device=device, max_len=cfg.max_text_len, batch_size=cfg.batch_size,
-                          image_size=image_size if kind == "image" else video_size, frames=cfg.frames,
-                          skip_bad=cfg.skip_bad, skipped=bad, stop=lambda: stop["signal"] is not None)
-                if cfg.task == "vqa":
-                    score, _ = evaluate_vqa(raw_model, tokenizer, rows, answers, **kw)
-                    results[kind] = {"vqa": score, "score": score}
-                else:
-                    metrics, _ = evaluate_retrieval(raw_model, tokenizer, rows, k=cfg.val_k, **kw)
-                    result = metrics["itm"] if cfg.val_k else metrics["itc"]
-                    results[kind] = dict(result, score=result["mean"])
+            # eager: evaluation's shapes (a last partial batch, the re-ranking pairs) would each be a
+            # new graph of the compiled blocks
+            with torch.compiler.set_stance("force_eager"):
+                for kind, rows in val_sets.items():
+                    kw = dict(device=device, max_len=cfg.max_text_len, batch_size=cfg.batch_size,
+                              image_size=image_size if kind == "image" else video_size, frames=cfg.frames,
+                              skip_bad=cfg.skip_bad, skipped=bad, stop=lambda: stop["signal"] is not None)
+                    if cfg.task == "vqa":
+                        score, _ = evaluate_vqa(raw_model, tokenizer, rows, answers, **kw)
+                        results[kind] = {"vqa": score, "score": score}
+                    else:
+                        metrics, _ = evaluate_retrieval(raw_model, tokenizer, rows, k=cfg.val_k, **kw)
+                        result = metrics["itm"] if cfg.val_k else metrics["itc"]
+                        results[kind] = dict(result, score=result["mean"])
         except Interrupted:
             return None
         finally:
@@ -584,7 +589,7 @@ def _main(argv, to_close):
             # gradients are all-reduced on the last micro-step only
             sync = nullcontext() if world == 1 or k == cfg.grad_accum - 1 else model.no_sync()
             with sync:
-                with autocast:
+                with amp:
                     out = model(batch)
                 (out["loss"] / cfg.grad_accum).backward()
             for name in totals:
