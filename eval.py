@@ -2,13 +2,16 @@
 
     python eval.py retrieval --ckpt runs/coco/last.pt --data coco_test.jsonl --k 128 --show 10
     python eval.py vqa --ckpt runs/vqa/last.pt --data vqa_val.jsonl --out results/
+    python eval.py bench-retrieval      # time a COCO-sized retrieval from its parts; no checkpoint needed
 
 Results go to --out (default: the checkpoint's folder) as eval_<task>_<checkpoint>_<data>.json, so the
 evaluations of best.pt and last.pt on one file keep one json each.
 
 Retrieval follows ALBEF/METER: rank every candidate by ITC cosine similarity, then re-rank the top k
 of each query with the ITM head. The fusion runs on k candidates per query, never on all pairs, so
-COCO's 5k x 25k test costs (5k + 25k) x k fused pairs instead of 125M.
+COCO's 5k x 25k test costs (5k + 25k) x k fused pairs (fewer: a pair is fused once) instead of 125M.
+The ITC scores are made on the device a block of queries at a time, and only each query's top k and
+the exact rank of its positive are kept: the 5k x 25k matrix never exists, and R@K stays exact.
 """
 import argparse
 import json
@@ -16,15 +19,16 @@ import math
 import os
 import re
 import tempfile
+import time
 from collections import Counter
-from contextlib import nullcontext
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from data import DataError, PairDataset, Tokenizer, read_jsonl
-from model import Config, SCLModel
+from grounding import evaluate_grounding, print_grounding
+from model import CONFIGS, PRECISIONS, Config, SCLModel, autocast, resolve_precision
 from pictures import write_attention_png, write_show_html
 
 
@@ -59,11 +63,6 @@ def load_model(ckpt_path, device="cpu"):
         first = (str(e).strip().splitlines() or [""])[0]
         raise CheckpointError(f"{ckpt_path}: weights do not fit the model its config describes ({first})") from None
     return model.to(device).eval(), Tokenizer.from_str(ckpt["tokenizer"]), ckpt
-
-
-def _autocast(device):
-    """bf16 on GPUs (the fusion of k candidates per query is the cost of evaluation); fp32 on CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if torch.device(device).type == "cuda" else nullcontext()
 
 
 def _loader(rows, image_size, frames, batch_size, workers):
@@ -122,29 +121,35 @@ def query_ranks(scores, positives):
     return ranks
 
 
-def recall_at_k(sim, txt2img, img2txt, ks=(1, 5, 10), sim_t2i=None):
-    """Retrieval metrics in percent from scores (n_img, n_txt), numpy or torch.
-
-    text-to-image: the rank of the text's one image; image-to-text: the rank of the best-ranked of the
-    image's captions (the standard protocol). Ties count against the model (see query_ranks).
-    sim_t2i: separate scores for the text-to-image direction (ITM re-ranking differs per direction).
-    Returns t2i_r{k}, i2t_r{k}, the mean of those recalls, and t2i_medr / i2t_medr (median rank).
-    """
-    i2t = query_ranks(sim, img2txt)
-    t2i = query_ranks(torch.as_tensor(sim if sim_t2i is None else sim_t2i).t(), [[i] for i in txt2img])
+def recalls(t2i, i2t, ks=(1, 5, 10)):
+    """Ranks of the text queries (n_txt,) and the image queries (n_img,) -> metrics in percent:
+    t2i_r{k}, i2t_r{k}, the mean of those recalls, and t2i_medr / i2t_medr (median rank)."""
     out = {}
     for name, r in (("t2i", t2i), ("i2t", i2t)):
         out.update({f"{name}_r{k}": 100.0 * (r <= k).double().mean().item() for k in ks})
     out["mean"] = sum(out.values()) / len(out)
-    out.update(t2i_medr=float(np.median(t2i.numpy())), i2t_medr=float(np.median(i2t.numpy())))
+    out.update(t2i_medr=float(np.median(t2i.cpu().numpy())), i2t_medr=float(np.median(i2t.cpu().numpy())))
     return out
 
+
+def recall_at_k(sim, txt2img, img2txt, ks=(1, 5, 10), sim_t2i=None):
+    """Retrieval metrics (see recalls) from a whole score matrix (n_img, n_txt), numpy or torch.
+
+    text-to-image: the rank of the text's one image; image-to-text: the rank of the best-ranked of the
+    image's captions (the standard protocol). Ties count against the model (see query_ranks).
+    sim_t2i: separate scores for the text-to-image direction. evaluate_retrieval never builds the whole
+    matrix (itc_ranking); this is the same rule for scores that are already at hand.
+    """
+    i2t = query_ranks(sim, img2txt)
+    t2i = query_ranks(torch.as_tensor(sim if sim_t2i is None else sim_t2i).t(), [[i] for i in txt2img])
+    return recalls(t2i, i2t, ks)
+
 # -----------------------------------------------------------------------------
-# retrieval: encode once, rank by ITC, re-rank the top k by ITM
+# retrieval: encode once, rank by ITC a block of queries at a time, re-rank the top k by ITM
 
 
 @torch.no_grad()
-def encode_clips(model, loader, device, skip_bad=False, skipped=None, stop=None):
+def encode_clips(model, loader, device, precision, skip_bad=False, skipped=None, stop=None):
     """-> ITC embeddings (N, E) float32 and unimodal vision states (N, T, K, H), both on device, and the
     indices of the N items read (all of them unless skip_bad left some out, see _readable).
 
@@ -158,7 +163,7 @@ def encode_clips(model, loader, device, skip_bad=False, skipped=None, stop=None)
             continue
         read += [it["index"] for it in items]
         pixels = torch.stack([it["pixels"] for it in items]).to(device)        # (B, T, 3, S, S)
-        with _autocast(device):
+        with autocast(device, precision):
             v = model.embed_vision(pixels)                                   # (B, T, K, H)
             embs.append(model.itc_vision(model.vision_global(v)).float())
         states.append(v)
@@ -168,13 +173,13 @@ def encode_clips(model, loader, device, skip_bad=False, skipped=None, stop=None)
 
 
 @torch.no_grad()
-def encode_texts(model, tokenizer, texts, max_len, batch_size, device, stop=None):
+def encode_texts(model, tokenizer, texts, max_len, batch_size, device, precision, stop=None):
     """-> ITC embeddings (M, E) float32, text states (M, L, H) and masks (M, L), on device."""
     embs, states, masks = [], [], []
     for a in range(0, len(texts), batch_size):
         _check(stop)
         ids, mask = (x.to(device) for x in tokenizer.encode(texts[a:a + batch_size], max_len))  # (B, L)
-        with _autocast(device):
+        with autocast(device, precision):
             t = model.embed_text(ids, mask)                                   # (B, L, H)
             embs.append(model.itc_text(t[:, 0]).float())
         states.append(t)
@@ -182,46 +187,88 @@ def encode_texts(model, tokenizer, texts, max_len, batch_size, device, stop=None
     return torch.cat(embs), torch.cat(states), torch.cat(masks)
 
 
+def order_keys(s):
+    """Scores (Q, C) float32 -> int64 keys that order each row by (score descending, column ascending)
+    and never tie: the top k of a query is then one set, however the gallery is split into blocks and
+    whatever torch.topk does with ties. NaN counts as -inf, -0.0 as 0.0."""
+    bits = (_nan_low(s) + 0.0).contiguous().view(torch.int32).long()
+    bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # IEEE-754 floats ordered as integers
+    column = torch.arange(s.shape[1], device=s.device)
+    return bits << 32 | (2 ** 31 - 1 - column)
+
+
 @torch.no_grad()
-def itm_scores(model, v, t, mask, img_idx, txt_idx, batch_size, stop=None):
-    """ITM log-odds logit[1] - logit[0] of the pairs (img_idx[n], txt_idx[n]), batch_size pairs per fusion.
+def itc_ranking(queries, gallery, query_group, gallery_group, n_top, chunk=2 ** 22):
+    """ITC cosine ranking of every query against the whole gallery, one block of about `chunk` scores
+    (rows x G) at a time: COCO's 5k x 25k matrix is never held, on the device or the host.
+
+    queries (Q, E) and gallery (G, E): L2-normalised embeddings on one device. The positives of query q
+    are the gallery entries with gallery_group == query_group[q] (both long tensors on that device).
+    -> rank (Q,): 1 + the negatives scoring at least as high as the best positive (query_ranks' rule:
+    ties count against the model, NaN as -inf), exact over the whole gallery;
+       top (Q, n_top): the n_top best gallery indices, by score then by index (order_keys);
+       itc (Q, n_top): their scores."""
+    rows = max(1, chunk // max(1, len(gallery)))
+    ranks, tops, itcs = [], [], []
+    for a in range(0, len(queries), rows):
+        s = _nan_low(queries[a:a + rows].float() @ gallery.float().t())      # (r, G): one block
+        pos = query_group[a:a + rows, None] == gallery_group[None]          # (r, G)
+        best = s.masked_fill(~pos, -math.inf).amax(1, keepdim=True)         # (r, 1)
+        ranks.append(1 + ((s >= best) & ~pos).sum(1))
+        top = order_keys(s).topk(n_top, dim=1).indices                      # (r, n_top), sorted
+        tops.append(top)
+        itcs.append(s.gather(1, top))
+    return torch.cat(ranks), torch.cat(tops), torch.cat(itcs)
+
+
+@torch.no_grad()
+def itm_scores(model, v, t, mask, img_idx, txt_idx, batch_size, precision, stop=None):
+    """ITM log-odds logit[1] - logit[0] of the pairs (img_idx[n], txt_idx[n]), batch_size pairs per fusion,
+    on the states' device.
 
     Log-odds order pairs exactly as softmax[:, 1] does, but do not saturate into ties at 1.0."""
-    out = []
+    out = [torch.zeros(0, device=v.device)]
     for a in range(0, len(img_idx), batch_size):
         _check(stop)
         i, j = img_idx[a:a + batch_size], txt_idx[a:a + batch_size]
-        with _autocast(v.device):
+        with autocast(v.device, precision):
             pooled = model.pool(*model.fuse(t[j], mask[j], v[i]))              # (b, 2H)
         with torch.autocast(v.device.type, enabled=False):  # the head in fp32: bf16 logits would tie
             logits = model.itm_head(pooled.float())                         # (b, 2)
         out.append(logits[:, 1] - logits[:, 0])
-    return torch.cat(out).cpu() if out else torch.zeros(0)  # one host sync, not one per batch
+    return torch.cat(out)
 
 
-def rerank(model, sim, v, t, mask, k, batch_size, stop=None):
-    """ITC scores sim (n_img, n_txt) on CPU -> (i2t scores, t2i scores), each (n_img, n_txt) float32.
+def candidate_pairs(i2t_top, t2i_top):
+    """The candidates of both ways, the texts i2t_top (n_img, k) of each image and the images t2i_top
+    (n_txt, k') of each text -> (pair ids i * n_txt + j (P,), each pair once, sorted; each candidate's
+    place in them (n_img * k + n_txt * k',))."""
+    n_img, n_txt = len(i2t_top), len(t2i_top)
+    i2t = torch.arange(n_img, device=i2t_top.device)[:, None] * n_txt + i2t_top   # (n_img, k)
+    t2i = t2i_top * n_txt + torch.arange(n_txt, device=t2i_top.device)[:, None]   # (n_txt, k')
+    return torch.cat([i2t.flatten(), t2i.flatten()]).unique(return_inverse=True)
 
-    i2t: the top k texts of each image (a row) get their ITM log-odds plus an offset that lifts every
-    candidate above every non-candidate; the others keep their ITC score, so their order below is
-    ITC's. t2i: the same for the top k images of each text (a column). A pair that is a candidate in
-    both directions is fused once. k >= the gallery size is an exhaustive ITM ranking.
-    """
-    n_img, n_txt = sim.shape
-    top_t = sim.topk(min(k, n_txt), dim=1).indices                         # (n_img, k) texts per image
-    top_i = sim.topk(min(k, n_img), dim=0).indices                         # (k, n_txt) images per text
-    i2t = (torch.arange(n_img)[:, None] * n_txt + top_t).flatten()         # flat pair ids i * n_txt + j
-    t2i = (top_i * n_txt + torch.arange(n_txt)[None]).flatten()
-    pairs = torch.cat([i2t, t2i]).unique()                                 # sorted, each pair once
-    dev = v.device
-    scores = itm_scores(model, v, t, mask, (pairs // n_txt).to(dev), (pairs % n_txt).to(dev), batch_size, stop)
-    offset = sim.max() - scores.min() + 1
-    out = []
-    for flat in (i2t, t2i):
-        s = sim.clone()
-        s.view(-1)[flat] = scores[torch.searchsorted(pairs, flat)] + offset
-        out.append(s)
-    return out
+
+def rerank(model, v, t, mask, i2t_top, t2i_top, batch_size, precision, stop=None):
+    """ITM log-odds of the candidates, i2t_top (n_img, k) and t2i_top (n_txt, k') -> (n_img, k) and
+    (n_txt, k'), on the device. A pair that is a candidate both ways is fused once."""
+    pairs, where = candidate_pairs(i2t_top, t2i_top)
+    n_txt = len(t2i_top)
+    scores = itm_scores(model, v, t, mask, pairs // n_txt, pairs % n_txt, batch_size, precision, stop)
+    return scores[where[:i2t_top.numel()]].view_as(i2t_top), scores[where[i2t_top.numel():]].view_as(t2i_top)
+
+
+def reranked_ranks(itm, positive, itc_rank):
+    """Ranks after re-ranking (ALBEF): each query's k candidates in ITM order, above all other entries,
+    which keep their ITC order. itm (Q, k): the candidates' log-odds; positive (Q, k) bool; itc_rank (Q,).
+
+    A query with a positive among its candidates: 1 + the negative candidates with log-odds at least
+    its best positive's (ties count against the model, NaN as -inf). A query without: k + its ITC rank
+    among the non-candidates, which is its ITC rank, since the k candidates are all negatives that
+    ITC already ranks above its positives."""
+    itm = _nan_low(itm)
+    best = itm.masked_fill(~positive, -math.inf).amax(1, keepdim=True)   # (Q, 1)
+    return torch.where(positive.any(1), 1 + ((itm >= best) & ~positive).sum(1), itc_rank)
 
 
 def gallery_items(rows):
@@ -243,42 +290,73 @@ def gallery_items(rows):
     return list(items.values())
 
 
-def evaluate_retrieval(model, tokenizer, rows, k=128, batch_size=64, device="cpu", max_len=40, image_size=224,
-                       frames=4, workers=0, skip_bad=False, skipped=None, stop=None):
-    """Rows with captions (read_jsonl) -> (metrics, scores), over the gallery of gallery_items(rows).
+# entries of each query's ranked list returned beyond the k re-ranked: enough for R@10 and --show's top 5
+KEEP = 10
 
-    metrics: {"itc": recall_at_k of the ITC ranking, "itm": of the re-ranked one (when k > 0),
-    "gallery": {"rows", "items" (after merging rows that name one file), "skipped" (unreadable items left
-    out), "texts" (the captions ranked)}}.
-    scores: {"itc": (n_img, n_txt), and for k > 0 "itm_i2t", "itm_t2i"}, float32 on CPU, and "items": the
-    gallery items ranked, in score-row order; texts are numbered item by item, captions in order.
+
+def rank_gallery(img, txt, txt2img, k, chunk=2 ** 22, fuse=None):
+    """ITC embeddings img (n_img, E), txt (n_txt, E) on one device and each text's image txt2img (n_txt,)
+    -> (metrics, ranked): evaluate_retrieval from the embeddings on. fuse(i2t_top, t2i_top) -> their ITM
+    log-odds (see rerank); with k > 0 the top k of each query are re-ranked by it.
+
+    ranked["i2t"] / ["t2i"]: {"index" (Q, m): the first m = min(max(k, KEEP), gallery) gallery entries of
+    each query in the final order (the k candidates by ITM, ties in ITC order, then ITC's order),
+    "itc" (Q, m): their ITC scores, and with k > 0 "itm" (Q, k): the candidates' log-odds}, on CPU."""
+    n_img, n_txt = len(img), len(txt)
+    ids = torch.arange(n_img, device=img.device)
+    m_txt, m_img = (min(n, max(k, KEEP)) for n in (n_txt, n_img))
+    i2t_rank, i2t_top, i2t_itc = itc_ranking(img, txt, ids, txt2img, m_txt, chunk)   # (n_img,), (n_img, m_txt)
+    t2i_rank, t2i_top, t2i_itc = itc_ranking(txt, img, txt2img, ids, m_img, chunk)   # (n_txt,), (n_txt, m_img)
+    metrics = {"itc": recalls(t2i_rank, i2t_rank)}
+    ranked = {"i2t": dict(index=i2t_top, itc=i2t_itc), "t2i": dict(index=t2i_top, itc=t2i_itc)}
+    if k > 0:
+        i2t_itm, t2i_itm = fuse(i2t_top[:, :k], t2i_top[:, :k])
+        metrics["itm"] = recalls(reranked_ranks(t2i_itm, t2i_top[:, :k] == txt2img[:, None], t2i_rank),
+                                 reranked_ranks(i2t_itm, txt2img[i2t_top[:, :k]] == ids[:, None], i2t_rank))
+        for d, itm in (("i2t", i2t_itm), ("t2i", t2i_itm)):
+            order = _nan_low(itm).sort(dim=1, descending=True, stable=True).indices  # (Q, k): ties keep ITC order
+            r = ranked[d]
+            for name in ("index", "itc"):
+                r[name][:, :k] = r[name][:, :k].gather(1, order)
+            r["itm"] = itm.gather(1, order)
+    return metrics, {d: {name: x.cpu() for name, x in r.items()} for d, r in ranked.items()}
+
+
+def evaluate_retrieval(model, tokenizer, rows, k=128, batch_size=64, device="cpu", max_len=40, image_size=224,
+                       frames=4, workers=0, skip_bad=False, skipped=None, stop=None, precision="auto",
+                       chunk=2 ** 22):
+    """Rows with captions (read_jsonl) -> (metrics, ranked), over the gallery of gallery_items(rows).
+
+    metrics: {"itc": recalls of the ITC ranking, "itm": of the re-ranked one (when k > 0), "gallery":
+    {"rows", "items" (after merging rows that name one file), "skipped" (unreadable items left out),
+    "texts" (the captions ranked)}}. Exact: every rank counts the whole gallery (itc_ranking).
+    ranked: the head of each query's ranked list (rank_gallery) and "items": the gallery items ranked;
+    texts are numbered item by item, captions in order.
+    precision: auto | bf16 | fp32 for the encoders and the fusion (model.resolve_precision); the ITC
+    scores and the ITM head are fp32. chunk: scores per block of the ITC ranking.
     skip_bad: an unreadable file leaves its item and captions out (its "file:line: why" appended to
     `skipped` when given) instead of raising DataError. stop: called between batches; True raises Interrupted.
     """
     device = torch.device(device)
+    precision = resolve_precision(precision, device)
     items, bad = gallery_items(rows), []
     model.eval()
-    img, v, read = encode_clips(model, _loader(items, image_size, frames, batch_size, workers), device, skip_bad,
-                                bad, stop)
+    img, v, read = encode_clips(model, _loader(items, image_size, frames, batch_size, workers), device, precision,
+                                skip_bad, bad, stop)
     counts = dict(rows=len(rows), items=len(items), skipped=len(bad))
     if skipped is not None:
         skipped += bad
     items = [items[i] for i in read]
-    texts, txt2img, img2txt = [], [], []
+    texts, txt2img = [], []
     for i, item in enumerate(items):
-        img2txt.append(list(range(len(texts), len(texts) + len(item["captions"]))))
         texts += item["captions"]
         txt2img += [i] * len(item["captions"])
-    txt, t, mask = encode_texts(model, tokenizer, texts, max_len, batch_size, device, stop)
-    sim = (img @ txt.t()).cpu()                                           # (n_img, n_txt)
-    metrics, scores = {"itc": recall_at_k(sim, txt2img, img2txt)}, {"itc": sim}
-    if k > 0:
-        i2t, t2i = rerank(model, sim, v, t, mask, k, batch_size, stop)
-        metrics["itm"] = recall_at_k(i2t, txt2img, img2txt, sim_t2i=t2i)
-        scores.update(itm_i2t=i2t, itm_t2i=t2i)
+    txt, t, mask = encode_texts(model, tokenizer, texts, max_len, batch_size, device, precision, stop)
+    metrics, ranked = rank_gallery(img, txt, torch.tensor(txt2img, device=device), k, chunk,
+                                   lambda i2t, t2i: rerank(model, v, t, mask, i2t, t2i, batch_size, precision, stop))
     metrics["gallery"] = dict(counts, texts=len(texts))
-    scores["items"] = items
-    return metrics, scores
+    ranked["items"] = items
+    return metrics, ranked
 
 # -----------------------------------------------------------------------------
 # VQA: the official accuracy, as the VQA v2 evaluation script vqaEval.py computes it:
@@ -391,17 +469,18 @@ def build_answer_vocab(rows, min_count=9):
 
 @torch.no_grad()
 def evaluate_vqa(model, tokenizer, rows, answers, batch_size=64, device="cpu", max_len=40, image_size=224,
-                 frames=4, workers=0, skip_bad=False, skipped=None, stop=None):
+                 frames=4, workers=0, skip_bad=False, skipped=None, stop=None, precision="auto"):
     """VQA rows -> (score in percent over the rows that have answers, or None; predictions).
 
     predictions are the VQA v2 submission format [{"question_id": int, "answer": str}], question_id
     from the row or else its index. skip_bad: a question whose file cannot be read is left out of both
     (its "file:line: why" appended to `skipped` when given) instead of raising DataError. stop: called
-    between batches; True raises Interrupted."""
+    between batches; True raises Interrupted. precision: auto | bf16 | fp32 (model.resolve_precision)."""
     for i, row in enumerate(rows):
         if "question" not in row:
             raise DataError(f"{row.get('jsonl', '?')}:{row.get('line', i + 1)}: no question (a retrieval file?)")
     device = torch.device(device)
+    precision = resolve_precision(precision, device)
     model.eval()
     preds, accs, bad = [], [], skipped if skipped is not None else []
     for items in tqdm(_loader(rows, image_size, frames, batch_size, workers), desc="vqa", disable=None):
@@ -412,7 +491,7 @@ def evaluate_vqa(model, tokenizer, rows, answers, batch_size=64, device="cpu", m
         pixels = torch.stack([it["pixels"] for it in items]).to(device)       # (B, T, 3, S, S)
         ids, mask = (x.to(device) for x in tokenizer.encode([rows[it["index"]]["question"] for it in items],
                                                              max_len))
-        with _autocast(device):
+        with autocast(device, precision):
             best = model.vqa_logits(pixels, ids, mask).float().argmax(1).tolist()
         for it, b in zip(items, best):
             row = rows[it["index"]]
@@ -420,6 +499,105 @@ def evaluate_vqa(model, tokenizer, rows, answers, batch_size=64, device="cpu", m
             if row.get("answers"):
                 accs.append(vqa_accuracy(answers[b], row["answers"]))
     return (100.0 * sum(accs) / len(accs) if accs else None), preds
+
+# -----------------------------------------------------------------------------
+# timing a COCO-sized retrieval evaluation: python eval.py bench-retrieval
+
+
+def _timed(device, f):
+    """-> (wall seconds, CPU seconds of this process) of f(). On a shared CPU, wall > CPU / threads shows
+    the time lost to other processes."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    sync()
+    wall, cpu = time.perf_counter(), time.process_time()
+    f()
+    sync()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def _flops():
+    """A FlopCounterMode that also counts the CPU's flash attention, missing from torch's table (the
+    attention scores are 10% of the fusion's FLOPs at 384 px)."""
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+    def cpu_flash(q, k, v, *_, **__):  # the shapes of q, k, v
+        return sdpa_flop_count(q, k, v)
+    return FlopCounterMode(display=False,
+                           custom_mapping={torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_flash})
+
+
+@torch.no_grad()
+def bench_retrieval(n_img=5000, n_txt=25000, k=128, preset="base", image_size=384, max_len=40, batch_size=16,
+                    batches=3, device="cpu", precision="auto", peak_tflops=989.0, mfu=0.4, chunk=2 ** 22):
+    """Time COCO-sized retrieval (5k images x 25k captions, k = 128) from its two costs, measured apart:
+    (a) ITC ranking both ways (itc_ranking: blocks, exact ranks, top k) of random unit embeddings of the
+        real sizes, timed whole; its candidates give the number of pairs to fuse, each pair once;
+    (b) ITM re-ranking: pairs/s of `preset`'s fusion and ITM head on random states of image_size px and
+        max_len tokens (`batches` batches after a warm-up), and its FLOPs per pair (FlopCounterMode).
+    The encoders (one pass per image and per caption) are counted in FLOPs only.
+    -> dict of the measured figures and the projected wall time of the whole re-ranking on this device
+    and, from the FLOPs, on a GPU of peak_tflops dense bf16 at `mfu` (H100 SXM: 989 TFLOP/s)."""
+    device = torch.device(device)
+    precision = resolve_precision(precision, device)
+    c = CONFIGS[preset]
+    out = dict(images=n_img, texts=n_txt, k=k, preset=preset, image_size=image_size, max_len=max_len,
+               device=str(device), precision=precision)
+    # (a) ITC ranking of random unit embeddings, 5 captions per image as in COCO
+    g = torch.Generator().manual_seed(0)
+    img = torch.nn.functional.normalize(torch.randn(n_img, c.embed_dim, generator=g), dim=-1).to(device)
+    txt = torch.nn.functional.normalize(torch.randn(n_txt, c.embed_dim, generator=g), dim=-1).to(device)
+    txt2img = torch.arange(n_txt, device=device) % n_img
+    top = {}
+
+    def fuse(i2t, t2i):  # keeps the candidates; log-odds of 0
+        top.update(i2t=i2t, t2i=t2i)
+        return torch.zeros(i2t.shape, device=device), torch.zeros(t2i.shape, device=device)
+    out["itc_ranking_s"], out["itc_ranking_cpu_s"] = _timed(device, lambda: rank_gallery(img, txt, txt2img, k, chunk,
+                                                                                          fuse))
+    out.update(pairs=len(candidate_pairs(top["i2t"], top["t2i"])[0]) if top else 0,
+               pairs_both_ways=top["i2t"].numel() + top["t2i"].numel() if top else 0)
+    # (b) ITM re-ranking: fusion + ITM head of the preset on random states
+    model = SCLModel(c).to(device).eval()
+    n_tokens = 1 + (image_size // c.patch_size) ** 2
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    v = torch.randn(batch_size, 1, n_tokens, c.hidden, generator=g).to(device, dtype)    # (B, T=1, K, H)
+    t = torch.randn(batch_size, max_len, c.hidden, generator=g).to(device, dtype)        # (B, L, H)
+    mask = torch.ones(batch_size, max_len, dtype=torch.bool, device=device)
+    b = torch.arange(batch_size, device=device)
+    with _flops() as count:
+        itm_scores(model, v, t, mask, b, b, batch_size, precision)                # also the warm-up
+    out["fusion_gflop_per_pair"] = count.get_total_flops() / batch_size / 1e9
+    wall, cpu = _timed(device, lambda: [itm_scores(model, v, t, mask, b, b, batch_size, precision)
+                                        for _ in range(batches)])
+    out.update(pairs_per_s=batches * batch_size / wall, pairs_per_cpu_s=batches * batch_size / cpu)
+    # the encoders' FLOPs: one image, one caption
+    with _flops() as count, autocast(device, precision):
+        model.encode_image(torch.randn(1, 1, 3, image_size, image_size, device=device))
+    out["image_gflop"] = count.get_total_flops() / 1e9
+    with _flops() as count, autocast(device, precision):
+        model.encode_text(torch.ones(1, max_len, dtype=torch.long, device=device), mask[:1])
+    out["text_gflop"] = count.get_total_flops() / 1e9
+    out["rerank_s_here"] = out["pairs"] / out["pairs_per_s"]
+    total = out["pairs"] * out["fusion_gflop_per_pair"] + n_img * out["image_gflop"] + n_txt * out["text_gflop"]
+    out.update(total_pflop=total / 1e6, gpu_peak_tflops=peak_tflops, gpu_mfu=mfu,
+               gpu_projected_s=total * 1e9 / (peak_tflops * 1e12 * mfu))
+    return out
+
+
+def print_bench(r):
+    print(f"retrieval of {r['images']} images x {r['texts']} captions, k = {r['k']}, on {r['device']} "
+          f"({r['precision']})\n"
+          f"(a) ITC ranking, both ways, exact ranks and top k (measured): {r['itc_ranking_s']:.1f} s "
+          f"({r['itc_ranking_cpu_s']:.1f} CPU s, {torch.get_num_threads()} threads)\n"
+          f"    pairs to fuse: {r['pairs']:,} ({r['pairs_both_ways']:,} candidates, each pair once)\n"
+          f"(b) ITM re-ranking, {r['preset']} at {r['image_size']} px and {r['max_len']} tokens (measured): "
+          f"{r['pairs_per_s']:.3g} pairs/s ({r['pairs_per_cpu_s']:.3g} per CPU s), "
+          f"{r['fusion_gflop_per_pair']:.1f} GFLOP per pair\n"
+          f"    all pairs at that rate (projected): {r['rerank_s_here'] / 3600:.2f} h\n"
+          f"encoders: {r['image_gflop']:.1f} GFLOP per image, {r['text_gflop']:.2f} per caption; whole evaluation "
+          f"{r['total_pflop']:.3g} PFLOP\n"
+          f"on a GPU of {r['gpu_peak_tflops']:.0f} TFLOP/s bf16 at {r['gpu_mfu']:.0%} MFU (projected from the FLOPs): "
+          f"{r['gpu_projected_s']:.0f} s = {r['gpu_projected_s'] / 60:.1f} min")
+
 
 # -----------------------------------------------------------------------------
 # command line
@@ -439,10 +617,10 @@ def print_retrieval(metrics):
 
 def check_flags(a):
     """Every flag's value, checked before anything is loaded: SystemExit with one line for the first bad one."""
-    for flag, value, least in (("--batch-size", a.batch_size, 1), ("--limit", a.limit, 1), ("--workers", a.workers, 0),
-                               ("--image-size", a.image_size, 1), ("--frames", a.frames, 1),
-                               ("--max-len", a.max_len, 2), ("--k", getattr(a, "k", 0), 0),
-                               ("--show", getattr(a, "show", 0), 0)):
+    for flag, least in (("--batch-size", 1), ("--limit", 1), ("--workers", 0), ("--image-size", 1), ("--frames", 1),
+                        ("--max-len", 2), ("--k", 0), ("--show", 0), ("--images", 1), ("--texts", 1),
+                        ("--batches", 1), ("--peak-tflops", 1e-9), ("--mfu", 1e-9)):
+        value = getattr(a, flag[2:].replace("-", "_"), None)  # the task's own flags
         if value is not None and value < least:
             raise SystemExit(f"{flag} must be at least {least} (got {value})")
     m = re.fullmatch(r"auto|cpu|cuda(?::(\d+))?", a.device)
@@ -452,8 +630,11 @@ def check_flags(a):
         raise SystemExit(f"--device {a.device}: CUDA is not available here (use --device cpu)")
     if m.group(1) is not None and int(m.group(1)) >= torch.cuda.device_count():
         raise SystemExit(f"--device {a.device}: there are {torch.cuda.device_count()} CUDA devices")
-    if a.out and a.out.endswith(".json"):  # --out of vqa once named the predictions file
+    if getattr(a, "out", None) and a.out.endswith(".json"):  # --out of vqa once named the predictions file
         raise SystemExit(f"--out {a.out}: --out is the folder for the result files; name the predictions with --preds")
+    frame = getattr(a, "video_frame", None)
+    if frame is not None and frame != "mean" and not frame.isdigit():
+        raise SystemExit(f"--video-frame must be mean or a frame number (got {frame!r})")
     if getattr(a, "attention_image", None) and not os.path.isfile(a.attention_image):
         raise SystemExit(f"--attention-image {a.attention_image}: no such file")
 
@@ -486,6 +667,8 @@ def main(argv=None):
                         "files are named after the checkpoint and the data, e.g. eval_retrieval_best_coco_test.json")
     common.add_argument("--batch-size", type=int, default=64, help="clips, texts or fused pairs per forward")
     common.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    common.add_argument("--precision", default="auto", choices=PRECISIONS,
+                        help="encoders and fusion: auto = bf16 on GPUs and on CPUs with native bf16, else fp32")
     common.add_argument("--workers", type=int, default=4, help="data loading processes")
     common.add_argument("--image-size", type=int, help="input size (default: the checkpoint's training size)")
     common.add_argument("--frames", type=int, help="frames per video (default: the checkpoint's)")
@@ -501,11 +684,34 @@ def main(argv=None):
     r.add_argument("--attention", nargs="+", metavar="CAPTION", help="write a cross-attention heat map per caption")
     r.add_argument("--attention-image", help="image or video for --attention (default: the first of --data); "
                    "read as an image if it is one, else as a video")
+    g = sub.add_parser("grounding", parents=[common],
+                       help="pointing game and attention mass of each object phrase on its box (rows with boxes)")
+    g.add_argument("--video-frame", default="mean",
+                   help="videos: mean (each sampled frame against its own box, averaged) or N, the N-th frame alone")
     v = sub.add_parser("vqa", parents=[common], help="VQA score and predictions in the VQA v2 submission format")
     v.add_argument("--preds", help="predictions json (default: vqa_preds_<checkpoint>_<data>.json in --out)")
+    b = sub.add_parser("bench-retrieval", help="time a COCO-sized retrieval evaluation from its parts (random weights)")
+    b.add_argument("--images", type=int, default=5000, help="gallery images (COCO 5k test: 5000)")
+    b.add_argument("--texts", type=int, default=25000, help="captions (COCO 5k test: 25010)")
+    b.add_argument("--k", type=int, default=128, help="candidates re-ranked per query")
+    b.add_argument("--preset", default="base", choices=sorted(CONFIGS), help="model size of the fusion timed")
+    b.add_argument("--image-size", type=int, default=384, help="input size: (size / patch)^2 + 1 vision tokens")
+    b.add_argument("--max-len", type=int, default=40, help="text tokens per caption")
+    b.add_argument("--batch-size", type=int, default=16, help="fused pairs per forward")
+    b.add_argument("--batches", type=int, default=3, help="fusion batches timed, after one warm-up")
+    b.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    b.add_argument("--precision", default="auto", choices=PRECISIONS, help="as for retrieval")
+    b.add_argument("--peak-tflops", type=float, default=989.0,
+                   help="dense bf16 TFLOP/s of the GPU the projection is for (H100 SXM: 989)")
+    b.add_argument("--mfu", type=float, default=0.4, help="fraction of that peak assumed in the projection")
     a = p.parse_args(argv)
 
     check_flags(a)
+    if a.task == "bench-retrieval":
+        r = bench_retrieval(a.images, a.texts, a.k, a.preset, a.image_size, a.max_len, a.batch_size, a.batches,
+                            pick_device(a.device), a.precision, a.peak_tflops, a.mfu)
+        print_bench(r)
+        return r
     out_dir = os.path.abspath(a.out or os.path.dirname(os.path.abspath(a.ckpt)))
     check_writable(out_dir, "pass --out DIR")
     if getattr(a, "preds", None):
@@ -516,10 +722,16 @@ def main(argv=None):
         raise SystemExit(" ".join(str(e).split())) from None
 
 
+def pick_device(name):
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+
+
 def evaluate(a, out_dir):
     """main() after its checks: load, evaluate, print, then write the files."""
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device)
+    device = pick_device(a.device)
     model, tokenizer, ckpt = load_model(a.ckpt, device)
+    precision = resolve_precision(a.precision, device)
+    print(f"precision {precision}" + (" (auto)" if a.precision == "auto" else ""))
     rows = read_jsonl(a.data)[:a.limit]
     tc = ckpt.get("train_config") or {}
     # train.py's 0 means "the default": images the model's grid, videos the image size
@@ -533,7 +745,7 @@ def evaluate(a, out_dir):
     if max_len > positions:
         raise SystemExit(f"--max-len {max_len}: the model's text encoder has {positions} positions")
     opts = dict(batch_size=a.batch_size, device=device, max_len=max_len, image_size=size, frames=frames,
-                workers=a.workers, skip_bad=a.skip_bad)
+                workers=a.workers, skip_bad=a.skip_bad, precision=precision)
     name = "_".join(os.path.splitext(os.path.basename(f))[0] for f in (a.ckpt, a.data))  # e.g. best_coco_test
     results = dict(task=a.task, ckpt=os.path.abspath(a.ckpt), step=ckpt.get("step"), data=os.path.abspath(a.data),
                    rows=len(rows), image_size=size, frames=frames, max_len=max_len,
@@ -544,19 +756,18 @@ def evaluate(a, out_dir):
         return results["json"]
 
     if a.task == "retrieval":
-        metrics, scores = evaluate_retrieval(model, tokenizer, rows, k=a.k, skipped=results["skipped"], **opts)
-        g, items = metrics["gallery"], scores["items"]
+        metrics, ranked = evaluate_retrieval(model, tokenizer, rows, k=a.k, skipped=results["skipped"], **opts)
+        g, items = metrics["gallery"], ranked["items"]
         if g["items"] < g["rows"]:
             print(f"merged {g['rows']} rows into {g['items']} gallery items (rows naming the same file)")
         report_skipped(results["skipped"])
         print_retrieval(metrics)
-        results.update(k=a.k, **metrics)
+        results.update(k=a.k, precision=precision, **metrics)
         print(f"wrote {save()}")  # before the pictures: a picture that fails leaves the metrics on disk
         if a.show:
-            final = scores.get("itm_t2i", scores["itc"])                  # (n_img, n_txt)
             queries = [(i, c) for i, item in enumerate(items) for c in item["captions"]]
             picked = np.linspace(0, len(queries) - 1, min(a.show, len(queries))).round().astype(int)
-            top = final.topk(min(5, len(items)), dim=0).indices.t()        # (n_txt, 5)
+            top = ranked["t2i"]["index"][:, :5]                            # (n_txt, 5) in the final order
             results["show"] = os.path.join(out_dir, f"show_{name}.html")
             write_show_html(results["show"], [queries[q][1] for q in picked],
                             [[items[i]["path"] for i in top[q].tolist()] for q in picked],
@@ -571,6 +782,15 @@ def evaluate(a, out_dir):
             print(f"wrote {png}: {caption!r}")
         if a.show or a.attention:
             save()
+    elif a.task == "grounding":
+        frame = a.video_frame if a.video_frame == "mean" else int(a.video_frame)
+        if frame != "mean" and frame >= frames:
+            raise SystemExit(f"--video-frame {frame}: clips have {frames} frames (--frames)")
+        metrics = evaluate_grounding(model, tokenizer, rows, video_frame=frame, skipped=results["skipped"], **opts)
+        report_skipped(results["skipped"])
+        print_grounding(metrics)
+        results.update(precision=precision, video_frame=frame, **metrics)
+        print(f"wrote {save()}")
     else:
         answers = ckpt.get("answers")
         if not answers or len(answers) != model.config.n_answers:
@@ -579,7 +799,7 @@ def evaluate(a, out_dir):
         report_skipped(results["skipped"])
         print(f"VQA score {score:.2f} ({len(preds)} questions)" if score is not None
               else f"no answers in {a.data}: predictions only")
-        results.update(vqa_score=score, predictions=os.path.abspath(a.preds or
+        results.update(vqa_score=score, precision=precision, predictions=os.path.abspath(a.preds or
                                                                   os.path.join(out_dir, f"vqa_preds_{name}.json")))
         write_file(results["predictions"], lambda f: json.dump(preds, f))
         print(f"wrote {results['predictions']}\nwrote {save()}")
