@@ -29,7 +29,7 @@ from tqdm import tqdm
 from data import DataError, PairDataset, Tokenizer, read_jsonl
 from grounding import evaluate_grounding, print_grounding
 from model import CONFIGS, PRECISIONS, Config, SCLModel, autocast, resolve_precision
-from pictures import write_attention_png, write_show_html
+from pictures import plot_curves, write_attention_png, write_show_html
 
 
 class CheckpointError(ValueError):
@@ -690,6 +690,10 @@ def main(argv=None):
                    help="videos: mean (each sampled frame against its own box, averaged) or N, the N-th frame alone")
     v = sub.add_parser("vqa", parents=[common], help="VQA score and predictions in the VQA v2 submission format")
     v.add_argument("--preds", help="predictions json (default: vqa_preds_<checkpoint>_<data>.json in --out)")
+    c = sub.add_parser("plot", help="training curves of one or more runs in one PNG, one colour per run")
+    c.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders holding train.py's metrics.jsonl")
+    c.add_argument("--out", help="the PNG to write (default: curves.png in the first RUN_DIR)")
+    c.add_argument("--labels", nargs="+", help="legend names, one per run (default: the folder names)")
     b = sub.add_parser("bench-retrieval", help="time a COCO-sized retrieval evaluation from its parts (random weights)")
     b.add_argument("--images", type=int, default=5000, help="gallery images (COCO 5k test: 5000)")
     b.add_argument("--texts", type=int, default=25000, help="captions (COCO 5k test: 25010)")
@@ -705,6 +709,14 @@ def main(argv=None):
                    help="dense bf16 TFLOP/s of the GPU the projection is for (H100 SXM: 989)")
     b.add_argument("--mfu", type=float, default=0.4, help="fraction of that peak assumed in the projection")
     a = p.parse_args(argv)
+    if a.task == "plot":  # no model, no device: the metrics files only
+        out = a.out or os.path.join(a.runs[0], "curves.png")
+        try:
+            plot_curves(a.runs, out, a.labels)
+        except (ValueError, OSError) as e:  # DataError is a ValueError: the message names the file and line
+            raise SystemExit(f"{out}: {e}" if isinstance(e, OSError) else str(e)) from None
+        print(f"wrote {out}")
+        return out
 
     check_flags(a)
     if a.task == "bench-retrieval":

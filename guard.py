@@ -95,7 +95,7 @@ def load_checkpoint(path):
 # -- the run folder ---------------------------------------------------------------------------------
 
 
-RUN_FILES = ("last.pt", "best.pt", "nonfinite.pt", "metrics.jsonl", "tokenizer.json")
+RUN_FILES = ("last.pt", "best.pt", "nonfinite.pt", "metrics.jsonl", "tokenizer.json", "curves.png")
 
 
 def _holder(lock_path):

@@ -1,10 +1,13 @@
 """Pictures of an evaluation: an HTML page of retrieved images per text query, and heat maps of where
 the fused text [CLS] looks (the last fusion layer's cross-attention). eval.py draws them on request
-(--show, --attention); nothing here is needed to compute a metric.
+(--show, --attention); nothing here is needed to compute a metric. And training curves: a PNG of the
+loss terms, validation score and learning rate of one or more runs' metrics.jsonl (plot_curves).
 """
 import base64
 import html
 import io
+import itertools
+import json
 import math
 import os
 from urllib.parse import quote
@@ -12,7 +15,7 @@ from urllib.parse import quote
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from data import CLIP_MEAN, CLIP_STD, DataError, load_image, load_video
 
@@ -142,3 +145,202 @@ def write_attention_png(model, tokenizer, image, caption, out_png, image_size=22
     blend = blend.resize((zoom * S, zoom * pixels.shape[-2]), Image.NEAREST)
     blend.save(out_png)
     return att.cpu()
+
+
+# -----------------------------------------------------------------------------
+# training curves: metrics.jsonl -> one PNG, a panel per quantity (PIL only)
+
+LOSS_TERMS = ("loss", "itc", "itm", "mlm", "mvsc", "mlsc", "vqa")  # the keys train.py logs
+TITLES = {"loss": "total loss", "itc": "ITC loss", "itm": "ITM loss", "mlm": "MLM loss", "mvsc": "MVSC loss",
+          "mlsc": "MLSC loss", "vqa": "VQA loss", "val": "validation score", "val image": "validation score, image",
+          "val video": "validation score, video", "lr": "learning rate"}
+RUN_COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+              (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]  # one per run, in order
+PANEL = (320, 200)  # width, height of one panel in pixels
+COLUMNS = 3
+LEGEND_LINE = 20    # height of one line of the legend above the panels
+GRID, FRAME, INK = (232, 232, 232), (150, 150, 150), (40, 40, 40)
+
+
+def read_curves(path):
+    """metrics.jsonl as train.py writes it -> {quantity: [(step, value), ...]} in step order.
+
+    Quantities: the loss terms and lr of the training lines, "val" (the validation score) and, where image
+    and video validation both ran, "val image" / "val video". null (a non-finite value) becomes nan, a gap.
+    Resume markers, skipped-sample lines and anything without a step are not curves and are passed over."""
+    curves = {}
+
+    def add(name, step, value, n):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise DataError(f"{path}:{n}: {name} is {value!r}, not a number")
+        curves.setdefault(name, []).append((step, math.nan if value is None else float(value)))
+
+    try:
+        f = open(path, encoding="utf-8")
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e}); a run folder holds the metrics.jsonl that "
+                        f"train.py writes") from None
+    with f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{n}: not a JSON line ({e.msg})") from None
+            if not isinstance(entry, dict):
+                raise DataError(f"{path}:{n}: a {type(entry).__name__}, not a JSON object")
+            if "step" not in entry or entry.get("resumed") or "skipped" in entry:
+                continue
+            step = entry["step"]
+            if isinstance(step, bool) or not isinstance(step, (int, float)) or not math.isfinite(step):
+                raise DataError(f"{path}:{n}: step is {step!r}, not a number")
+            if "val" in entry:
+                val = entry["val"]
+                if not isinstance(val, dict):
+                    raise DataError(f"{path}:{n}: val is {val!r}, not a JSON object")
+                add("val", step, val.get("score"), n)
+                for kind in ("image", "video"):  # both ran: {"image": {...}, "video": {...}, "score": mean}
+                    if isinstance(val.get(kind), dict):
+                        add(f"val {kind}", step, val[kind].get("score"), n)
+            for key in LOSS_TERMS + ("lr",):
+                if key in entry:
+                    add(key, step, entry[key], n)
+    return {k: sorted(v, key=lambda p: p[0]) for k, v in curves.items()}
+
+
+def nice_range(lo, hi, ticks=5):
+    """Widen [lo, hi] to multiples of a 1, 2 or 5 x 10^k step, about `ticks` steps across -> (lo, hi, step).
+    An empty range (one value) is first opened by 10% of the value (or 1 around 0)."""
+    if not hi > lo:
+        pad = abs(lo) * 0.1 or 1.0
+        lo, hi = lo - pad, hi + pad
+    raw = (hi - lo) / ticks
+    mag = 10 ** math.floor(math.log10(raw))
+    step = next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw * (1 - 1e-9))
+    return math.floor(lo / step + 1e-9) * step, math.ceil(hi / step - 1e-9) * step, step
+
+
+def to_pixels(x, y, xlim, ylim, box):
+    """A data point -> its pixel (px, py). xlim, ylim: the data ranges (lo, hi); box: (left, top, right, bottom)
+    pixels, all inclusive. xlim's lo lands on `left`, hi on `right`; ylim's lo on `bottom` (y grows upwards)."""
+    (x0, x1), (y0, y1), (left, top, right, bottom) = xlim, ylim, box
+    return round(left + (x - x0) / (x1 - x0) * (right - left)), round(bottom - (y - y0) / (y1 - y0) * (bottom - top))
+
+
+def tick_text(v, step, top=None, steps_axis=False):
+    """A tick label with as many digits as the tick step needs: 0, 2.5, 1.20, 20k (steps), 1.05e-04.
+    top: the axis' largest |tick|, whose exponent sets the digits of an axis of small values."""
+    if abs(v) < step * 1e-6:
+        return "0"
+    if steps_axis and abs(v) >= 1000:
+        return f"{v / 1000:g}k"
+    places = -math.floor(math.log10(step) + 1e-9)  # decimal places of the step: 0.05 -> 2, 20 -> -1
+    if step < 1e-3:  # the learning rate: a mantissa that tells the ticks apart
+        return f"{v:.{max(0, math.floor(math.log10(top or abs(v))) + places)}e}"
+    return f"{v:.{max(0, places)}f}"
+
+
+def plot_curves(runs, out_png, labels=None):
+    """Training curves of one or more runs in one PNG: a panel per quantity (each loss term present, the
+    validation score, the learning rate) against the step, every run in its own colour, a legend on top.
+
+    runs: a run folder (or a list of them) holding train.py's metrics.jsonl, or a .jsonl file itself.
+    labels: the legend's names, one per run (default: the folder names). Non-finite (null) values are gaps.
+    Files without a single curve (a run stopped before its first log line) give a picture that says so,
+    not an error; a missing or malformed file is a DataError naming the file and line.
+    Returns the panels drawn: [{"title", "box", "xlim", "ylim"}, ...] (box, xlim, ylim as for to_pixels)."""
+    runs = [runs] if isinstance(runs, (str, os.PathLike)) else list(runs)
+    paths = [os.fspath(r) if os.fspath(r).endswith(".jsonl") else os.path.join(r, "metrics.jsonl") for r in runs]
+    if labels is None:
+        labels = [os.path.basename(os.path.dirname(os.path.abspath(p))) for p in paths]
+        if len(set(labels)) < len(labels):  # runs/a/out and runs/b/out: the paths tell them apart
+            labels = [os.path.dirname(os.path.relpath(p)) or "." for p in paths]
+    if len(labels) != len(paths):
+        raise ValueError(f"{len(labels)} labels for {len(paths)} runs")
+    curves = [read_curves(p) for p in paths]
+    names = [k for k in TITLES if any(k in c for c in curves)]
+    font = ImageFont.load_default()
+
+    # the legend: a line swatch and the label per run, wrapped to the picture's width
+    width = PANEL[0] * max(1, min(len(names), COLUMNS))
+    items, x, row = [], 8, 0
+    for label, color in zip(labels, itertools.cycle(RUN_COLORS)):
+        w = 28 + round(font.getlength(label)) + 16
+        if x + w > width - 130 and x > 8:  # room for the note on the right
+            x, row = 8, row + 1
+        items.append((x, row * LEGEND_LINE, label, color))
+        x += w
+    header = (row + 1) * LEGEND_LINE + 4
+    rows = max(1, math.ceil(len(names) / COLUMNS))
+    im = Image.new("RGB", (width, header + rows * PANEL[1]), "white")
+    draw = ImageDraw.Draw(im)
+    for x, y, label, color in items:
+        draw.line([(x, y + 11), (x + 20, y + 11)], fill=color, width=3)
+        draw.text((x + 26, y + 5), label, fill=INK, font=font)
+    note = "x axis: training step"
+    draw.text((width - 8 - font.getlength(note), 5), note, fill=FRAME, font=font)
+    if not names:
+        draw.text((8, header + 8), "no curves yet: no training or validation lines in", fill=INK, font=font)
+        for i, p in enumerate(paths):
+            draw.text((8, header + 24 + 14 * i), p, fill=INK, font=font)
+        save_png(im, out_png)
+        return []
+
+    # one step axis for every panel, so that panels line up
+    steps = [s for c in curves for pts in c.values() for s, _ in pts]
+    lo, hi = min(steps), max(steps)
+    x0, x1, xstep = nice_range(lo, hi if hi > lo else lo + 5)  # one step alone: an axis 5 steps wide
+    panels = []
+    for i, name in enumerate(names):
+        ox, oy = i % COLUMNS * PANEL[0], header + i // COLUMNS * PANEL[1]
+        box = (ox + 58, oy + 28, ox + PANEL[0] - 18, oy + PANEL[1] - 30)  # the data area; the frame sits 4 px out
+        finite = [v for c in curves for s, v in c.get(name, []) if math.isfinite(v)]
+        y0, y1, ystep = nice_range(min(finite), max(finite)) if finite else (0.0, 1.0, 0.5)
+        left, top, right, bottom = box
+        draw.text((left - 4, oy + 8), TITLES[name], fill=INK, font=font)
+        for k in range(round((y1 - y0) / ystep) + 1):
+            v = y0 + k * ystep
+            _, py = to_pixels(x0, v, (x0, x1), (y0, y1), box)
+            draw.line([(left - 4, py), (right + 4, py)], fill=GRID)
+            text = tick_text(v, ystep, max(abs(y0), abs(y1)))
+            draw.text((left - 8 - font.getlength(text), py - 6), text, fill=INK, font=font)
+        for k in range(round((x1 - x0) / xstep) + 1):
+            v = x0 + k * xstep
+            px, _ = to_pixels(v, y0, (x0, x1), (y0, y1), box)
+            draw.line([(px, bottom + 4), (px, bottom + 8)], fill=FRAME)
+            text = tick_text(v, xstep, steps_axis=True)
+            draw.text((px - font.getlength(text) / 2, bottom + 10), text, fill=INK, font=font)
+        draw.rectangle([left - 4, top - 4, right + 4, bottom + 4], outline=FRAME)
+        if not finite:
+            draw.text((left + 8, (top + bottom) // 2 - 6), "no finite values", fill=INK, font=font)
+        for c, color in zip(curves, itertools.cycle(RUN_COLORS)):
+            pts = c.get(name, [])
+            few = sum(math.isfinite(v) for _, v in pts) <= 30  # sparse curves (validation) get a dot per point
+            for finite_run in split_at_gaps(pts):
+                xy = [to_pixels(s, v, (x0, x1), (y0, y1), box) for s, v in finite_run]
+                if len(xy) > 1:
+                    draw.line(xy, fill=color, width=2, joint="curve")
+                if few or len(xy) == 1:  # a point between two gaps would otherwise not show
+                    for px, py in xy:
+                        draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=color)
+                draw.point(xy, fill=color)  # a wide line can miss its own vertices by a pixel
+        panels.append(dict(title=TITLES[name], box=box, xlim=(x0, x1), ylim=(y0, y1)))
+    save_png(im, out_png)
+    return panels
+
+
+def split_at_gaps(points):
+    """[(step, value), ...] -> the stretches of finite values between non-finite ones."""
+    out = [[]]
+    for s, v in points:
+        if math.isfinite(v):
+            out[-1].append((s, v))
+        elif out[-1]:
+            out.append([])
+    return [r for r in out if r]
+
+
+def save_png(im, path):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    im.save(path)

@@ -28,6 +28,7 @@ from eval import Interrupted, build_answer_vocab, evaluate_retrieval, evaluate_v
 from guard import (BAD_DATA, SAVE_FAILED, STOP, Agreement, check_flags, check_model_flags, check_unlocked,
                    claim_run_folder, load_checkpoint, save_checkpoint)
 from model import CONFIGS, PRECISIONS, Config, SCLModel, autocast, resolve_precision, text_config
+from pictures import plot_curves
 
 
 TASKS = ("pretrain", "retrieval", "vqa")
@@ -652,6 +653,11 @@ def _main(argv, to_close):
     if skipped and master:
         print(f"skipped {len(skipped)} bad samples; first: " + "; ".join(skipped[:5]))
         record({"step": step, "skipped": len(skipped), "skipped_first": skipped[:20]})
+    if master:  # after training or a stop; a picture that cannot be drawn does not fail the run
+        try:
+            plot_curves(cfg.out, os.path.join(cfg.out, "curves.png"))
+        except (DataError, OSError) as e:
+            print(f"curves.png not drawn: {e}")
     for it in streams.values():  # shut the DataLoader workers down before returning
         del it
     streams.clear()

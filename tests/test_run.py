@@ -442,3 +442,22 @@ def test_stream_draws_one_permutation_per_epoch(monkeypatch):
     batches = list(itertools.islice(iter(train.Stream(10_000_000, 32, 0, 1, seed=0)), 1000))
     print(f"1000 batches over 10M samples: {time.time() - t0:.2f} s")
     assert len(calls) == 1 and len({i for b in batches for _, i in b}) == 32_000
+
+
+def test_curves_after_training_and_eval_plot(demo, tmp_path):
+    """train.py draws curves.png beside metrics.jsonl; eval.py plot overlays several runs."""
+    from PIL import Image
+    runs = []
+    for seed in (0, 1):
+        out = str(tmp_path / f"run{seed}")
+        train.main(flags(data=images_jsonl(demo, tmp_path), out=out, steps=3, seed=seed))
+        with Image.open(os.path.join(out, "curves.png")) as im:
+            assert im.width > 300 and im.height > 200
+        runs.append(out)
+    png = str(tmp_path / "both.png")
+    assert ev.main(["plot", *runs, "--out", png, "--labels", "a", "b"]) == png
+    with Image.open(png) as im:
+        assert im.size == Image.open(os.path.join(runs[0], "curves.png")).size
+    with pytest.raises(SystemExit) as err:
+        ev.main(["plot", str(tmp_path / "nothing")])
+    assert "nothing" in one_line(err)
