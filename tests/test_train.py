@@ -503,7 +503,7 @@ def test_crash_while_saving_keeps_previous_checkpoint(demo, tmp_path, monkeypatc
     with open(last, "rb") as f:
         assert f.read() == before
     assert load(last)["step"] == 2
-    assert sorted(os.listdir(out)) == [".lock", "last.pt", "metrics.jsonl", "tokenizer.json"]  # no temp file left
+    assert sorted(os.listdir(out)) == [".lock", "curves.png", "last.pt", "metrics.jsonl", "tokenizer.json"]  # no temp file
 
 
 def test_logged_losses_are_means_over_each_interval(demo, tmp_path, monkeypatch):
