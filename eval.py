@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from data import DataError, PairDataset, Tokenizer, read_jsonl
 from grounding import evaluate_grounding, print_grounding
-from model import PRECISIONS, Config, SCLModel, autocast, resolve_precision
+from model import PRECISIONS, SCLModel, autocast, config_from_checkpoint, resolve_precision
 from pictures import plot_curves, write_attention_png, write_show_html
 
 
@@ -54,7 +54,7 @@ def load_model(ckpt_path, device="cpu"):
     if missing:
         raise CheckpointError(f"{ckpt_path}: not an SCL checkpoint (no {', '.join(missing)})")
     try:
-        model = SCLModel(Config(**ckpt["config"]))
+        model = SCLModel(config_from_checkpoint(ckpt["config"]))
         # weights saved from a compiled or DDP-wrapped model carry a prefix on every name
         model.load_state_dict({re.sub(r"^(_orig_mod\.|module\.)+", "", k): v for k, v in ckpt["model"].items()})
     except (TypeError, RuntimeError, AttributeError) as e:

@@ -22,12 +22,13 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from data import Collator, DataError, PairDataset, Tokenizer, read_jsonl
+from data import Collator, DataError, PairDataset, Tokenizer, item_seed, read_jsonl
 from demo import make_demo
 from eval import Interrupted, build_answer_vocab, evaluate_retrieval, evaluate_vqa, soft_targets
 from guard import (BAD_DATA, SAVE_FAILED, STOP, Agreement, check_flags, check_model_flags, check_unlocked,
                    claim_run_folder, load_checkpoint, save_checkpoint)
-from model import CONFIGS, PRECISIONS, Config, SCLModel, autocast, resolve_precision, text_config
+from model import (CONFIGS, PRECISIONS, Config, SCLModel, autocast, config_from_checkpoint, resolve_precision,
+                   text_config)
 from pictures import plot_curves
 
 
@@ -63,6 +64,7 @@ class TrainConfig:
     w_mlm: float = -1.0           # MLM loss weight; -1 keeps the task's (1 in pre-training)
     w_scl: float = -1.0           # SCL (MVSC + MLSC) loss weight; -1 keeps the task's (1 in pre-training)
     image_mask_ratio: float = -1.0  # MVSC patch drop ratio; -1 keeps the model config's (0.8)
+    dropout: float = -1.0         # text encoder and fusion dropout; -1 keeps the model config's (0.1; tiny 0)
     image_size: int = 0           # training/eval image size; 0: the model's pretraining grid (paper: 288)
     video_size: int = 0           # 0: image_size (paper: 224)
     frames: int = 4               # frames per video clip
@@ -377,9 +379,9 @@ def _main(argv, to_close):
     # task and the flags
     defaults = Config()
     if cfg.resume:
-        config = Config(**ckpt["config"])
+        config = config_from_checkpoint(ckpt["config"])
     elif ckpt is not None:
-        config = replace(Config(**ckpt["config"]), w_itc=defaults.w_itc, w_itm=defaults.w_itm,
+        config = replace(config_from_checkpoint(ckpt["config"]), w_itc=defaults.w_itc, w_itm=defaults.w_itm,
                          w_mlm=defaults.w_mlm, w_scl=defaults.w_scl, image_mask_ratio=defaults.image_mask_ratio,
                          n_answers=0)
     elif cfg.text:
@@ -390,7 +392,7 @@ def _main(argv, to_close):
         config = replace(config, w_mlm=0.0, w_scl=0.0)
     if cfg.task == "vqa":
         config = replace(config, n_answers=len(answers))
-    weights = {k: getattr(cfg, k) for k in ("w_itc", "w_itm", "w_mlm", "w_scl", "image_mask_ratio")
+    weights = {k: getattr(cfg, k) for k in ("w_itc", "w_itm", "w_mlm", "w_scl", "image_mask_ratio", "dropout")
                if getattr(cfg, k) >= 0}
     config = replace(config, **weights)
     if cfg.text and ckpt is None:  # the text sizes come from the folder's config.json
@@ -464,11 +466,6 @@ def _main(argv, to_close):
     streams = {kind: loader(ds, cfg, collate, batch, rank, world, seen[kind]) for kind, (ds, batch) in sets.items()}
     ratio = cfg.video_ratio if len(streams) == 2 else float("video" in streams)
 
-    if cfg.resume:  # after the loaders exist, so nothing below draws from a different RNG state
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if cuda and ckpt["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
-
     if world > 1:
         every_loss_on = min(config.w_itc, config.w_itm, config.w_mlm, config.w_scl) > 0 and cfg.task == "pretrain"
         model = DDP(model, device_ids=[device.index] if cuda else None, find_unused_parameters=not every_loss_on)
@@ -533,8 +530,7 @@ def _main(argv, to_close):
             save_checkpoint(path, dict(
                 model=raw_model.state_dict(), optimizer=opt.state_dict(), step=step, seen=dict(seen), best=best,
                 before=before, config=asdict(config), train_config=asdict(cfg), tokenizer=tokenizer.to_str(),
-                answers=answers, val=val,
-                rng=dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state() if cuda else None)))
+                answers=answers, val=val))
         except SystemExit as e:
             return str(e.code)
         return None
@@ -584,6 +580,9 @@ def _main(argv, to_close):
                                  else "another rank met a bad sample (see its message); stopping"
                                  + (f"; {failed}" if failed else ""))
             micro += 1
+            # the step's random draws (patch masks, hard negatives, dropout) from a seed of (run, micro-step,
+            # rank): every rank draws its own, and a resumed run draws exactly what it would have
+            torch.manual_seed(item_seed(cfg.seed, rank, micro))
             skipped.extend(batch.pop("skipped"))
             batch = {k2: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k2, v in batch.items()}
             n_samples += batch["text_ids"].shape[0] * world

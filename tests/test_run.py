@@ -3,11 +3,13 @@ preemption, resuming with the saved settings, DDP ranks that must stay in step, 
 Each test reproduces a failure of an earlier version (see the README's "Checkpoints and resuming")."""
 import errno
 import itertools
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -461,3 +463,24 @@ def test_curves_after_training_and_eval_plot(demo, tmp_path):
     with pytest.raises(SystemExit) as err:
         ev.main(["plot", str(tmp_path / "nothing")])
     assert "nothing" in one_line(err)
+
+
+def test_ddp_ranks_draw_their_own_random_numbers(demo, tmp_path):
+    """Patch masks, hard negatives and dropout come from a seed of (run, step, rank): the ranks do not
+    repeat each other's draws, and no two steps share one."""
+    from test_train import run_ddp
+    out = tmp_path / "ddp"
+    run_ddp(out, flags(out=str(out), data=demo["images_train"], batch_size=2, steps=3, eval_every=0))
+    seeds = []
+    for rank in range(2):
+        with open(out / f"seeds{rank}.json") as f:
+            seeds.append(json.load(f))
+    assert len(seeds[0]) == len(seeds[1]) == 3
+    assert all(a != b for a, b in zip(*seeds)) and len(set(seeds[0])) == 3
+
+
+def test_checkpoints_from_before_dropout_keep_none():
+    saved = asdict(model_module.CONFIGS["small"])
+    assert model_module.config_from_checkpoint(saved).dropout == 0.1
+    del saved["dropout"]
+    assert model_module.config_from_checkpoint(saved).dropout == 0.0

@@ -183,7 +183,7 @@ def test_pretrain_end_to_end(pretrained, demo):
         assert e["loss"] == pytest.approx(total, abs=1e-3)
 
     ckpt = load(os.path.join(out, "last.pt"))  # plain tensors and containers only: weights_only loads it
-    assert {"model", "optimizer", "step", "config", "tokenizer", "rng", "seen"} <= ckpt.keys()
+    assert {"model", "optimizer", "step", "config", "tokenizer", "seen"} <= ckpt.keys()
     assert ckpt["step"] == 4
     assert ckpt["seen"] == {"image": 2, "video": 2}  # video_ratio 0.5: every other batch is a video batch
     # the position table stays at the preset's grid; training (and eval.py) use the run's 32 px
@@ -268,9 +268,10 @@ import model, train
 from test_train import GradAdamW
 torch.optim.AdamW = GradAdamW
 
-losses, forward = [], model.SCLModel.forward
+losses, seeds, forward = [], [], model.SCLModel.forward
 
 def recording(self, batch):
+    seeds.append(torch.initial_seed())  # the seed of this step's random draws
     out = forward(self, batch)
     losses.append(out["loss"].item())
     return out
@@ -281,6 +282,8 @@ rank = os.environ["RANK"]
 torch.save(m.state_dict(), os.path.join({out!r}, f"rank{{rank}}.pt"))
 with open(os.path.join({out!r}, f"losses{{rank}}.json"), "w") as f:
     json.dump(losses, f)
+with open(os.path.join({out!r}, f"seeds{{rank}}.json"), "w") as f:
+    json.dump(seeds, f)
 torch.save(GradAdamW.first_grad, os.path.join({out!r}, f"grad{{rank}}.pt"))
 """
 
