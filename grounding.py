@@ -36,6 +36,7 @@ from PIL import ExifTags, Image
 from data import DataError, PairDataset, _count_frames, _upright, frame_indices, resize_shape
 from demo import _phrase
 from model import autocast, resolve_precision
+from pictures import cls_attention
 
 MOTIONS = ("left", "right", "up", "down")  # demo.py's clips
 
@@ -135,32 +136,6 @@ def media_geometry(row, frames):
 
 
 @torch.no_grad()
-def cls_attention(model, t, mask, v):
-    """The fused text [CLS]'s attention over the vision tokens in the last text fusion layer, for a batch.
-
-    t (P, L, H) embedded texts, mask (P, L), v (P, T, 1+N, H) embedded clips -> (P, heads, T*(1+N)), each
-    row a softmax summing to 1. The batched pictures.text_cls_attention: SDPA returns no weights, so a hook
-    catches the layer's inputs and q k^T is recomputed."""
-    cross, seen = model.text_fusion[-1].cross, {}
-
-    def grab(module, args, kwargs, output):
-        seen.update(x=args[0], context=kwargs.get("context", args[1] if len(args) > 1 else None),
-                    key_mask=kwargs.get("key_mask"))
-
-    handle = cross.register_forward_hook(grab, with_kwargs=True)
-    try:
-        model.fuse(t, mask, v)
-    finally:
-        handle.remove()
-    with torch.autocast(seen["x"].device.type, enabled=False):       # fp32, whatever the fusion ran in
-        q = cross.split(cross.q(seen["x"][:, :1].float()))             # (P, nh, 1, hs)
-        k = cross.split(cross.k(seen["context"].float()))              # (P, nh, T*(1+N), hs)
-        att = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])       # (P, nh, 1, T*(1+N))
-    if seen["key_mask"] is not None:
-        att = att.masked_fill(~seen["key_mask"][:, None, None], -math.inf)
-    return att.softmax(-1)[:, :, 0]                                    # (P, nh, T*(1+N))
-
-
 def grounding_scores(att, inside):
     """att (P, F, N) attention over each frame's N patches (any non-negative scale), inside (P, F, N) bool
     -> pointing, mass, chance, each (P, F) float: per frame, 1 when every most-attended patch is inside

@@ -88,12 +88,12 @@ def write_show_html(path, queries, ranked_paths, correct_paths, embed=False, thu
 
 
 @torch.no_grad()
-def text_cls_attention(model, pixels, ids, mask):
-    """Attention of the text CLS over the vision tokens in the last text fusion layer's cross-attention.
+def cls_attention(model, t, mask, v):
+    """The fused text [CLS]'s attention over the vision tokens in the last text fusion layer, for a batch.
 
-    pixels (1, T, 3, S, S), ids/mask (1, L) -> (heads, T*(1+N)) softmax weights (each row sums to 1).
-    SDPA returns no weights, so a hook captures the layer's inputs and q k^T is recomputed here.
-    """
+    t (P, L, H) embedded texts, mask (P, L), v (P, T, 1+N, H) embedded clips -> (P, heads, T*(1+N)), each
+    row a softmax summing to 1. SDPA returns no weights, so a hook catches the layer's inputs and q k^T is
+    recomputed, in fp32."""
     cross, seen = model.text_fusion[-1].cross, {}
 
     def grab(module, args, kwargs, output):
@@ -102,15 +102,21 @@ def text_cls_attention(model, pixels, ids, mask):
 
     handle = cross.register_forward_hook(grab, with_kwargs=True)
     try:
-        model.fuse(model.embed_text(ids, mask), mask, model.embed_vision(pixels))
+        model.fuse(t, mask, v)
     finally:
         handle.remove()
-    q = cross.split(cross.q(seen["x"][:, :1]))                             # (1, nh, 1, hs)
-    k = cross.split(cross.k(seen["context"]))                              # (1, nh, T*(1+N), hs)
-    att = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])               # (1, nh, 1, T*(1+N))
+    with torch.autocast(seen["x"].device.type, enabled=False):       # fp32, whatever the fusion ran in
+        q = cross.split(cross.q(seen["x"][:, :1].float()))             # (P, nh, 1, hs)
+        k = cross.split(cross.k(seen["context"].float()))              # (P, nh, T*(1+N), hs)
+        att = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])       # (P, nh, 1, T*(1+N))
     if seen["key_mask"] is not None:
         att = att.masked_fill(~seen["key_mask"][:, None, None], -math.inf)
-    return att.float().softmax(-1)[0, :, 0]                                # (nh, T*(1+N))
+    return att.softmax(-1)[:, :, 0]                                    # (P, nh, T*(1+N))
+
+
+def text_cls_attention(model, pixels, ids, mask):
+    """cls_attention of one pair: pixels (1, T, 3, S, S), ids/mask (1, L) -> (heads, T*(1+N))."""
+    return cls_attention(model, model.embed_text(ids, mask), mask, model.embed_vision(pixels))[0]
 
 
 def heat_colors(a):

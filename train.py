@@ -448,8 +448,15 @@ def _main(argv, to_close):
         step, seen, best, before = ckpt["step"], ckpt["seen"], ckpt["best"], ckpt.get("before")
 
     # every start-up check has passed: now the run folder is ours (rank 0 writes it)
+    refused = None
     if master:
-        to_close.append(claim_run_folder(cfg, step))
+        try:
+            to_close.append(claim_run_folder(cfg, step))
+        except SystemExit as e:
+            refused = str(e.code)
+    if agree(STOP if refused else 0):  # the other ranks stop with rank 0 instead of waiting for it
+        raise SystemExit(refused or "rank 0 could not take the run folder (see its message); stopping")
+    if master:
         tokenizer.save(cfg.out)  # beside the checkpoints (which carry it too), for use outside this code
         print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
               f"{len(image_rows)} image rows, {len(video_rows)} video rows, device {device} ({precision}), world {world}")
