@@ -8,7 +8,7 @@
     python bench.py parity --batch 32                     # GPU: bf16/compile vs CPU fp32, step time, memory
     python bench.py train --steps 100                     # GPU: train.py eager vs --compile, samples/s
 
-`step` times forward+backward (+ fused AdamW on CUDA) of every row in turn, `--repeats` rounds, and reports
+`step` times forward+backward + fused AdamW of every row in turn, `--repeats` rounds, and reports
 the median. FLOPs per sample are counted once per input shape by torch.utils.flop_counter on the meta device
 (matmuls, convolutions and attention; no memory, no compute), so MFU = samples/s x FLOPs per sample / peak,
 with the peak from NVIDIA's data sheets (GPU_PEAKS) or, on a CPU, measured at start-up (cpu_peak).
@@ -27,10 +27,11 @@ Notes (medians of the timed repeats; numbers within one list were measured in on
   first, peak 52.8 GiB; 40 steps from random init took validation R@1 from 1% to 14.5%.
 - This machine: 2 cores of an AMD EPYC with avx512_bf16, torch 2.13 CPU, 2026-11-28, shared with other jobs
   (load average 4-7 on 2 cores: absolute times move 2-4x with the load; compare rows of one run).
-  step, `base` with RoBERTa-base's text sizes, batch 4, 224 px, 40 tokens, eager, fp32 and bf16 alternating:
-  632 GFLOP/sample; fp32 82.4 s/step (30.7 GFLOP/s, MFU 36% of the 86 GFLOP/s fp32 matmul peak measured at
-  the same time), bf16 63.1 s/step (40.1 GFLOP/s, 21% of 190); peak RSS 7.1 GiB. An earlier session timed
-  fp32 at 17.6 s/step on the idle machine.
+  step, `base` with RoBERTa-base's text sizes, batch 4, 224 px, 40 tokens, eager, fp32 and bf16 alternating,
+  median of 4, on the idle machine (load average 1.3-1.8): 632 GFLOP/sample; forward+backward only: fp32
+  17.73 s/step (78% of 182.5 GFLOP/s measured), bf16 10.11 s (65% of 383.7); with fused AdamW: fp32 19.54 s
+  (70% of 186), bf16 10.76 s (60% of 395); peak RSS 9.5 GiB. Under load (4-7) the same rows took 82.4 and
+  63.1 s: only ratios within one run compare.
   data, one worker, samples per CPU-second of the worker (its rate on a core of its own), before -> after the
   JPEG draft, the keyframe list and the contiguous normalisation: 640x480 photos -> 288 px 133 -> 151;
   2048x1536 photos -> 288 px 18 -> 64; 10 s 640x360 H.264 clips -> 4 x 224 px 10.8 -> 12.2 with a
@@ -226,7 +227,8 @@ def cmd_step(args):
     models = {"eager": eager} if "eager" in modes else {}
     if "compiled" in modes:
         models["compiled"] = compiled(copy.deepcopy(eager) if "eager" in modes else eager)
-    opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-6, fused=True) if cuda else None for k, m in models.items()}
+    # the whole optimiser step, as train.py takes it (fused AdamW runs on CPUs too)
+    opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-6, fused=True) for k, m in models.items()}
     batches = {m: {k: v.to(dev) for k, v in make_batch(config, args.batch, shapes[m], size, args.tokens).items()}
                for m in media}
     rows = [dict(mode=mode, precision=p, media=m, times=[], peak=0.0)
@@ -246,7 +248,7 @@ def cmd_step(args):
     n = sum(p.numel() for p in eager.parameters())
     print(f"{args.config}{' (RoBERTa-base text sizes)' if args.roberta else ''}: {n / 1e6:.1f}M params, batch "
           f"{args.batch}, {size} px, videos {args.frames} frames, {args.tokens} tokens, {where}, "
-          f"forward+backward{' + fused AdamW' if cuda else ''}, median of {args.repeats}")
+          f"forward+backward + fused AdamW, median of {args.repeats}")
     print(f"{'mode':<9}{'media':<8}{'precision':<10}{'s/step':>9}{'samples/s':>11}{'GFLOP/sample':>14}"
           f"{unit:>9}{'MFU':>7}{'first s':>9}{'peak GiB':>10}")
     for r in rows:
