@@ -664,9 +664,10 @@ def _main(argv, to_close):
             plot_curves(cfg.out, os.path.join(cfg.out, "curves.png"))
         except (DataError, OSError) as e:
             print(f"curves.png not drawn: {e}")
-    for it in streams.values():  # shut the DataLoader workers down before returning
-        del it
-    streams.clear()
+    streams.clear()  # the DataLoader workers shut down
+    agree(0)  # every rank ends together (rank 0 was still writing); then the process group goes cleanly
+    if world > 1 and "RANK" in os.environ:
+        dist.destroy_process_group()
     return raw_model
 
 
