@@ -17,7 +17,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections import Counter
 
 import numpy as np
@@ -26,6 +25,7 @@ from tqdm import tqdm
 
 from data import DataError, PairDataset, Tokenizer, read_jsonl
 from grounding import evaluate_grounding, print_grounding
+from guard import check_writable, write_file
 from model import PRECISIONS, SCLModel, autocast, config_from_checkpoint, resolve_precision
 from pictures import plot_curves, write_attention_png, write_show_html
 
@@ -96,27 +96,29 @@ def _nan_low(x):
     return x.masked_fill(x.isnan(), -math.inf)
 
 
-def query_ranks(scores, positives):
-    """scores (Q, C) -> (Q,) 1-based rank of the best-ranked positive of each query.
+def positive_ranks(s, pos):
+    """Scores s (r, C) and their positives pos (r, C) bool -> (r,) 1-based rank of each row's best positive:
+    1 + the NEGATIVES scoring at least as high. Ties count against the model, so a collapsed model with
+    constant scores gets the worst rank, not the best; NaN scores count as -inf."""
+    s = _nan_low(s)
+    best = s.masked_fill(~pos, -math.inf).amax(1, keepdim=True)             # (r, 1)
+    return 1 + ((s >= best) & ~pos).sum(1)
 
-    rank = 1 + the number of NEGATIVE candidates scoring at least as high as the best positive: ties
-    count against the model, so a collapsed model with constant scores gets the worst rank, not the
-    best. NaN scores count as -inf. Compared chunkwise so a (Q, C) bool mask is never held whole.
-    """
+
+def query_ranks(scores, positives):
+    """A whole score matrix (Q, C) and each query's positive columns -> (Q,) ranks (positive_ranks), 1024
+    queries at a time so a (Q, C) mask is never held whole."""
     s = torch.as_tensor(scores)
     s = s if s.is_floating_point() else s.double()
-    Q = s.shape[0]
-    if len(positives) != Q or not all(len(p) for p in positives):
+    if len(positives) != len(s) or not all(len(p) for p in positives):
         raise ValueError("every query needs at least one positive candidate")
-    q = torch.tensor([i for i, p in enumerate(positives) for _ in p])
-    c = torch.tensor([j for p in positives for j in p])
-    pos = _nan_low(s[q, c])
-    best = torch.full((Q,), -math.inf, dtype=s.dtype).scatter_reduce(0, q, pos, "amax")    # (Q,)
-    n_tied = torch.zeros(Q, dtype=torch.long).scatter_add(0, q, (pos == best[q]).long())  # positives at best
-    ranks = torch.empty(Q, dtype=torch.long)
-    for a in range(0, Q, 1024):
-        ranks[a:a + 1024] = (_nan_low(s[a:a + 1024]) >= best[a:a + 1024, None]).sum(1) - n_tied[a:a + 1024] + 1
-    return ranks
+    ranks = []
+    for a in range(0, len(s), 1024):
+        part = positives[a:a + 1024]
+        pos = torch.zeros(len(part), s.shape[1], dtype=torch.bool)
+        pos[[i for i, p in enumerate(part) for _ in p], [j for p in part for j in p]] = True
+        ranks.append(positive_ranks(s[a:a + 1024], pos))
+    return torch.cat(ranks)
 
 
 def recalls(t2i, i2t, ks=(1, 5, 10)):
@@ -202,7 +204,7 @@ def itc_ranking(queries, gallery, query_group, gallery_group, n_top, chunk=2 ** 
 
     queries (Q, E) and gallery (G, E): L2-normalised embeddings on one device. The positives of query q
     are the gallery entries with gallery_group == query_group[q] (both long tensors on that device).
-    -> rank (Q,): 1 + the negatives scoring at least as high as the best positive (query_ranks' rule:
+    -> rank (Q,): 1 + the negatives scoring at least as high as the best positive (positive_ranks:
     ties count against the model, NaN as -inf), exact over the whole gallery;
        top (Q, n_top): the n_top best gallery indices, by score then by index (order_keys);
        itc (Q, n_top): their scores."""
@@ -211,8 +213,7 @@ def itc_ranking(queries, gallery, query_group, gallery_group, n_top, chunk=2 ** 
     for a in range(0, len(queries), rows):
         s = _nan_low(queries[a:a + rows].float() @ gallery.float().t())      # (r, G): one block
         pos = query_group[a:a + rows, None] == gallery_group[None]          # (r, G)
-        best = s.masked_fill(~pos, -math.inf).amax(1, keepdim=True)         # (r, 1)
-        ranks.append(1 + ((s >= best) & ~pos).sum(1))
+        ranks.append(positive_ranks(s, pos))
         top = order_keys(s).topk(n_top, dim=1).indices                      # (r, n_top), sorted
         tops.append(top)
         itcs.append(s.gather(1, top))
@@ -536,25 +537,6 @@ def check_flags(a):
         raise SystemExit(f"--video-frame must be mean or a frame number (got {frame!r})")
     if getattr(a, "attention_image", None) and not os.path.isfile(a.attention_image):
         raise SystemExit(f"--attention-image {a.attention_image}: no such file")
-
-
-def check_writable(folder, fix):
-    """Make `folder` if needed and write a scratch file there, before hours of evaluation depend on it."""
-    try:
-        os.makedirs(folder, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as e:
-        raise SystemExit(f"cannot write results to {folder} ({e.strerror or e}): {fix}") from None
-
-
-def write_file(path, write):
-    """write(f) into path; an OSError is one line (the results are printed before anything is written)."""
-    try:
-        with open(path, "w", encoding="utf-8") as f:
-            write(f)
-    except OSError as e:
-        raise SystemExit(f"{path}: cannot write ({e.strerror or e}); the results are printed above") from None
 
 
 def main(argv=None):

@@ -8,6 +8,7 @@ import fcntl
 import json
 import os
 import re
+import tempfile
 
 import torch
 import torch.distributed as dist
@@ -92,6 +93,27 @@ def load_checkpoint(path):
         raise SystemExit(f"{path}: not an SCL checkpoint (no model/config/tokenizer; a plain state dict "
                          f"cannot say which model and tokenizer it belongs to)")
     return ckpt
+
+# -- evaluation results (eval.py) -----------------------------------------------------------------
+
+def check_writable(folder, fix):
+    """Make `folder` if needed and write a scratch file there, before hours of evaluation depend on it."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise SystemExit(f"cannot write results to {folder} ({e.strerror or e}): {fix}") from None
+
+
+def write_file(path, write):
+    """write(f) into path; an OSError is one line (the results are printed before anything is written)."""
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            write(f)
+    except OSError as e:
+        raise SystemExit(f"{path}: cannot write ({e.strerror or e}); the results are printed above") from None
+
 
 # -- the run folder ---------------------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ from PIL import Image, ImageOps, JpegImagePlugin
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import bench  # noqa: E402
+from test_data import count_decoded  # noqa: E402
 import data  # noqa: E402
 from model import CONFIGS, Block  # noqa: E402
 
@@ -196,13 +197,7 @@ def test_video_decodes_only_the_frames_its_keyframes_force(tmp_path, monkeypatch
     write_numbered_clip(tmp_path / "clip.mp4", n, gop=48)  # targets 32 frames apart, keyframes 48 apart
     with av.open(str(tmp_path / "clip.mp4")) as c:
         keys = [i for i, f in enumerate(c.decode(video=0)) if f.key_frame]
-    decoded, real = [], av.container.InputContainer.decode
-
-    def counting(self, *args, **kwargs):
-        for frame in real(self, *args, **kwargs):
-            decoded.append(frame.pts)
-            yield frame
-    monkeypatch.setattr(av.container.InputContainer, "decode", counting)
+    decoded = count_decoded(monkeypatch)
     clip, _ = data.load_video(tmp_path / "clip.mp4", 8, T, train=False)
     rgb = unnormalise(clip).mean(axis=(1, 2))
     targets = [int((k + 0.5) * n / T) for k in range(T)]

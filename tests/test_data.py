@@ -205,8 +205,8 @@ def test_load_video_short_and_bad(tmp_path):
             load_video(tmp_path / name, 8, 4, False, None)
 
 
-def test_load_video_decodes_only_what_is_needed(tmp_path, monkeypatch):
-    write_clip(tmp_path / "long.mp4", 96, gop=4)
+def count_decoded(monkeypatch):
+    """-> a list that gets the pts of every frame PyAV decodes from now on."""
     decoded, real = [], av.container.InputContainer.decode
 
     def counting(self, *args, **kwargs):
@@ -214,6 +214,12 @@ def test_load_video_decodes_only_what_is_needed(tmp_path, monkeypatch):
             decoded.append(frame.pts)
             yield frame
     monkeypatch.setattr(av.container.InputContainer, "decode", counting)
+    return decoded
+
+
+def test_load_video_decodes_only_what_is_needed(tmp_path, monkeypatch):
+    write_clip(tmp_path / "long.mp4", 96, gop=4)
+    decoded = count_decoded(monkeypatch)
     clip, _ = load_video(tmp_path / "long.mp4", 8, 4, False, None)
     assert frame_ids(clip) == [12, 36, 60, 84] and len(decoded) < 30
 
