@@ -1,10 +1,12 @@
 """Converters from the standard annotation files to this project's jsonl (`python data.py convert ...`):
-Karpathy's COCO / Flickr30K splits, MSRVTT 1k-A and VQA v2. Not needed to read the method.
+Karpathy's COCO / Flickr30K splits, MSRVTT 1k-A, VQA v2 and NLVR2. Not needed to read the method.
 """
 import csv
 import json
 import os
 import warnings
+
+from data import DataError
 
 
 def _warn_missing(rows, key):
@@ -82,4 +84,40 @@ def convert_vqa(questions_json, images_root, annotations_json=None, subtype=None
         rows.append(dict(image=os.path.abspath(path), question=q["question"], question_id=q["question_id"],
                          image_id=q["image_id"], answers=answers.get(q["question_id"], [])))
     _warn_missing(rows, "image")
+    return rows
+
+
+def convert_nlvr2(json_path, images_root):
+    """NLVR2's official split file (train.json, dev.json, test1.json: one JSON object a line with "identifier"
+    split-set-pair-sentence, "sentence", "label" "True" or "False", and in train the numbered image folder
+    "directory") -> rows {images: [left, right], caption, label, identifier}. The images of an example are
+    named after its identifier without the sentence field: split-set-pair-img0.png (left) and -img1.png
+    (right), in images_root, under images_root/<directory>/ for the training split. A bad line raises
+    DataError naming the file and line."""
+    rows = []
+    with open(json_path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{json_path}:{n}"
+            try:
+                ex = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: not JSON ({e.msg})") from None
+            if not isinstance(ex, dict):
+                raise DataError(f"{where}: not a JSON object")
+            ident, sentence, label = ex.get("identifier"), ex.get("sentence"), ex.get("label")
+            if not isinstance(ident, str) or len(ident.split("-")) != 4:
+                raise DataError(f"{where}: \"identifier\" must look like split-set-pair-sentence, not {ident!r}")
+            if not isinstance(sentence, str) or not sentence.strip():
+                raise DataError(f"{where}: \"sentence\" must be a non-empty string")
+            if not isinstance(label, str) or label.lower() not in ("true", "false"):
+                raise DataError(f"{where}: \"label\" must be \"True\" or \"False\", not {label!r}")
+            folder = os.path.join(images_root, str(ex["directory"])) if "directory" in ex else images_root
+            stem = os.path.join(folder, ident.rsplit("-", 1)[0])
+            rows.append(dict(images=[os.path.abspath(stem + "-img0.png"), os.path.abspath(stem + "-img1.png")],
+                             caption=sentence.strip(), label=label.lower() == "true", identifier=ident))
+    missing = sum(not os.path.isfile(p) for r in rows for p in r["images"])
+    if missing:
+        warnings.warn(f"{missing} of {2 * len(rows)} image files do not exist (yet); read_jsonl will reject them")
     return rows

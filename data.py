@@ -7,6 +7,7 @@ Stands alone: imports only torch, numpy, pillow, av, tokenizers and the standard
     python data.py convert karpathy dataset_coco.json --split test --images COCO_ROOT --out coco_test.jsonl
     python data.py convert msrvtt MSRVTT_JSFUSION_test.csv --videos VIDEOS --out msrvtt_test.jsonl
     python data.py convert vqa questions.json --annotations annotations.json --images val2014/ --out vqa_val.jsonl
+    python data.py convert nlvr2 dev.json --images NLVR2_ROOT/dev --out nlvr2_dev.jsonl
 """
 import argparse
 import hashlib
@@ -40,12 +41,17 @@ class DataError(ValueError):
 # jsonl
 
 
+def _need(ok, why):
+    if not ok:
+        raise ValueError(why)
+
+
 def _check_row(row, root):
     """Validate one parsed jsonl row and add path/kind/captions; raises ValueError(why)."""
-    def need(ok, why):
-        if not ok:
-            raise ValueError(why)
+    need = _need
     need(isinstance(row, dict), "not a JSON object")
+    if "images" in row:
+        return _check_pair(row, root)
     kinds = [k for k in ("image", "video") if k in row]
     need(len(kinds) == 1, 'needs exactly one of "image" or "video"')
     kind, vqa = kinds[0], "question" in row
@@ -62,6 +68,30 @@ def _check_row(row, root):
     path = os.path.join(root, os.path.expanduser(row[kind]))
     need(os.path.isfile(path), f"{kind} file not found: {path}")
     row.update(path=os.path.abspath(path), kind=kind, captions=[c.strip() for c in caps])
+    return row
+
+
+def _check_pair(row, root):
+    """An NLVR2 row: {"images": [left, right], "caption": str, "label": bool, "identifier": optional str}.
+    Adds paths (both, absolute), kind "image" (both are images, at the image size) and captions [sentence].
+    It has no "path": code that reads one image per row cannot take it for an image row by mistake."""
+    need = _need
+    need("image" not in row and "video" not in row, 'an NLVR2 row has "images" [left, right], not "image" or "video"')
+    images = row["images"]
+    need(isinstance(images, list) and all(isinstance(x, str) and x.strip() for x in images),
+         '"images" must be a list of two image paths (left, right)')
+    need(len(images) == 2, f'"images" must name two images (left, right), not {len(images)}')
+    cap = row.get("caption")
+    need(isinstance(cap, str) and cap.strip(), '"caption" must be a non-empty string (the sentence about both images)')
+    need(isinstance(row.get("label"), bool), f'"label" must be true or false, not {json.dumps(row.get("label"))}')
+    ident = row.get("identifier")
+    # the official consistency groups the pairs of a sentence by the identifier without its pair field
+    need(ident is None or isinstance(ident, str) and len(ident.split("-")) == 4,
+         f'"identifier" must look like split-set-pair-sentence (NLVR2), not {json.dumps(ident)}')
+    paths = [os.path.join(root, os.path.expanduser(x)) for x in images]
+    for side, path in zip(("left", "right"), paths):
+        need(os.path.isfile(path), f"{side} image file not found: {path}")
+    row.update(paths=[os.path.abspath(p) for p in paths], kind="image", captions=[cap.strip()])
     return row
 
 
@@ -427,7 +457,8 @@ def swap_left_right(text):
 
 class PairDataset(torch.utils.data.Dataset):
     """Rows from read_jsonl -> clips (T, 3, S, S) + text. group=False: one item per (row, caption);
-    group=True: one item per row with all its captions. VQA rows: one item per row."""
+    group=True: one item per row with all its captions. VQA rows: one item per row. NLVR2 rows: one item
+    per row, pixels (2, 1, 3, S, S) (left, right), the sentence and its label."""
 
     def __init__(self, rows, image_size=224, frames=4, train=True, seed=0, skip_bad=False, group=False):
         self.rows, self.size, self.frames = rows, image_size, frames
@@ -452,7 +483,9 @@ class PairDataset(torch.utils.data.Dataset):
         seed = item_seed(self.seed, self.epoch, i)
         rng = random.Random(seed)
         try:
-            if row["kind"] == "image":
+            if "paths" in row:  # NLVR2: (2, 1, 3, S, S), left and right
+                pixels, flipped = self._pair(row["paths"], rng)
+            elif row["kind"] == "image":
                 pixels, flipped = load_image(row["path"], self.size, self.train, rng)
                 pixels = pixels[None]  # (1, 3, S, S): an image is a one-frame clip
             else:
@@ -464,7 +497,9 @@ class PairDataset(torch.utils.data.Dataset):
             raise DataError(where) from e
         fix = swap_left_right if flipped else (lambda s: s)
         item = dict(pixels=pixels, index=i, row=r, seed=seed)  # row: which image, shared by its captions
-        if "question" in row:
+        if "label" in row:
+            item.update(caption=fix(row["captions"][0]), label=row["label"])
+        elif "question" in row:
             item.update(caption=fix(row["question"]), question=fix(row["question"]),
                         answers=[fix(a) for a in row["answers"]])
             if "question_id" in row:
@@ -474,6 +509,17 @@ class PairDataset(torch.utils.data.Dataset):
         else:
             item["caption"] = fix(row["captions"][c])
         return item
+
+
+    def _pair(self, paths, rng):
+        """NLVR2's two images -> ((2, 1, 3, S, S), flipped). Each image gets its own crop, but one mirror
+        decision (the left image's) holds for the pair: a flip mirrors the whole side-by-side display,
+        each image mirrored and the two swapped, so that "left" and "right" swap in the sentence, whether
+        they name an image or a place in one, and the label stays true (METHOD.md §7.3)."""
+        (left, flipped), (right, right_flipped) = (load_image(p, self.size, self.train, rng) for p in paths)
+        if right_flipped != flipped:
+            right = right.flip(-1)  # mirroring the normalised tensor is mirroring the picture
+        return torch.stack([right, left] if flipped else [left, right])[:, None], flipped
 
 
 class Collator:
@@ -524,6 +570,8 @@ class Collator:
             batch["image_ids"] = torch.tensor([s["row"] for s in kept])  # (B,): ITC positives, never ITM negatives
         if "captions" in kept[0]:
             batch["captions"] = [s["captions"] for s in kept]
+        if "label" in kept[0]:  # NLVR2
+            batch["nlvr2_labels"] = torch.tensor([int(s["label"]) for s in kept])
         if "question" in kept[0]:
             batch["answers"] = [s["answers"] for s in kept]
             if "question_id" in kept[0]:
@@ -543,25 +591,31 @@ def main(argv=None):
     d.add_argument("--n-videos", type=int, default=60, help="videos in all (80/20 train/val)")
     d.add_argument("--seed", type=int, default=0, help="random seed")
     c = sub.add_parser("convert", help="convert standard annotations to jsonl")
-    c.add_argument("format", choices=["karpathy", "msrvtt", "vqa"], help="annotation format")
-    c.add_argument("input", help="karpathy: dataset_*.json; msrvtt: test csv or train id list; vqa: questions")
+    c.add_argument("format", choices=["karpathy", "msrvtt", "vqa", "nlvr2"], help="annotation format")
+    c.add_argument("input", help="karpathy: dataset_*.json; msrvtt: test csv or train id list; vqa: questions; "
+                   "nlvr2: train.json, dev.json or test1.json")
     c.add_argument("--out", required=True, help="output jsonl")
     c.add_argument("--split", default="test", help="karpathy: train (with restval), val or test")
-    c.add_argument("--images", default=".", help="karpathy: root of filepath/filename; vqa: COCO image folder")
+    c.add_argument("--images", default=".", help="karpathy: root of filepath/filename; vqa: COCO image folder; "
+                   "nlvr2: the split's image folder (train: the one that holds the numbered folders)")
     c.add_argument("--videos", default=".", help="msrvtt: folder of <video_id>.mp4")
     c.add_argument("--data-json", help="msrvtt training list: MSRVTT_data.json with the captions")
     c.add_argument("--annotations", help="vqa: annotations json (leave out for test-dev)")
     c.add_argument("--subtype", help="vqa: image subtype (default: the questions' data_subtype)")
     a = p.parse_args(argv)
-    from convert import convert_karpathy, convert_msrvtt, convert_vqa  # side files that import this one
+    from convert import convert_karpathy, convert_msrvtt, convert_nlvr2, convert_vqa  # side files that import this one
     from demo import make_demo
     if a.cmd == "demo":
         for name, path in make_demo(a.out, a.n_train, a.n_val, a.n_videos, a.seed).items():
             print(f"{name}: {path}")
         return
-    rows = (convert_karpathy(a.input, a.split, a.images) if a.format == "karpathy" else
-            convert_msrvtt(a.input, a.videos, a.data_json) if a.format == "msrvtt" else
-            convert_vqa(a.input, a.images, a.annotations, a.subtype))
+    try:
+        rows = (convert_karpathy(a.input, a.split, a.images) if a.format == "karpathy" else
+                convert_msrvtt(a.input, a.videos, a.data_json) if a.format == "msrvtt" else
+                convert_nlvr2(a.input, a.images) if a.format == "nlvr2" else
+                convert_vqa(a.input, a.images, a.annotations, a.subtype))
+    except DataError as e:  # a bad line of the annotations: its file and line, no traceback
+        raise SystemExit(str(e)) from None
     write_jsonl(rows, a.out)
     print(f"wrote {len(rows)} rows to {a.out}", file=sys.stderr)
 

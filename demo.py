@@ -1,7 +1,8 @@
 """The built-in demo data: coloured shapes whose captions need colour, shape, size and relation (one
 attribute changed between neighbouring images, so no single attribute retrieves), short mp4 clips of a
-shape moving, and VQA questions about the images. Deterministic in its seed; written by
-`python data.py demo` and by `python train.py` without --data. Not needed to read the method.
+shape moving, VQA questions about the images, and NLVR2 statements about two of them. Deterministic in
+its seed; written by `python data.py demo` and by `python train.py` without --data. Not needed to read
+the method.
 """
 import json
 import os
@@ -127,6 +128,72 @@ def _answers(rng, answer, family):
     return out
 
 
+# NLVR2 statements about a (left, right) pair of demo images. Each is a predicate on two counts, of the objects
+# of one colour or shape (or of all objects) in the left and in the right image, so that it needs both images
+STATEMENTS = {
+    "both": ("both images contain {a} {v} shape", "color", lambda left, right: left > 0 and right > 0),
+    "neither": ("neither image contains {a} {v} shape", "color", lambda left, right: left == right == 0),
+    "only_left": ("the left image has a {v} and the right image does not", "shape",
+                  lambda left, right: left > 0 and right == 0),
+    "only_right": ("the right image has a {v} and the left image does not", "shape",
+                   lambda left, right: right > 0 and left == 0),
+    "more_left": ("there are more {vs} in the left image", "shape", lambda left, right: left > right),
+    "more_right": ("there are more {vs} in the right image", "shape", lambda left, right: right > left),
+    "same_count": ("the two images have the same number of shapes", None, lambda left, right: left == right),
+}
+
+
+def _count(objs, attribute, value):
+    return sum(attribute is None or o[attribute] == value for o in objs)
+
+
+def _nlvr2_rows(rng, rows, split, per_label):
+    """NLVR2 rows for the demo image rows `rows` of one split. Every sentence gets the same number of true
+    and false pairs (per_label each, or as many as the images allow), so that the sentence alone predicts
+    nothing; its pairs come in sets of four, two true and two false, numbered as NLVR2 numbers them
+    (identifier split-set-pair-sentence), so that consistency is over four pairs a sentence, as there."""
+    out, sets = [], []
+    if len(rows) < 2:
+        return out
+    for template, (text, attribute, truth) in STATEMENTS.items():
+        values = {"color": list(COLORS), "shape": list(SHAPES), None: [None]}[attribute]
+        for v in values:
+            sentence = text.format(v=v, vs="crosses" if v == "cross" else f"{v}s",
+                                   a="an" if v and v[0] in "aeiou" else "a")
+            found, tried = {True: [], False: []}, set()
+            for _ in range(200 * per_label):  # random ordered pairs of two different images
+                i, j = rng.sample(range(len(rows)), 2)
+                if (i, j) in tried:
+                    continue
+                tried.add((i, j))
+                label = truth(_count(rows[i]["objects"], attribute, v), _count(rows[j]["objects"], attribute, v))
+                if len(found[label]) < per_label:
+                    found[label].append((i, j))
+                if min(map(len, found.values())) == per_label:
+                    break
+            n = min(map(len, found.values())) // 2 * 2
+            for a in range(0, n, 2):
+                group = [(p, True) for p in found[True][a:a + 2]] + [(p, False) for p in found[False][a:a + 2]]
+                rng.shuffle(group)
+                sets.append([dict(images=[rows[i]["image"], rows[j]["image"]], caption=sentence, label=label,
+                                  template=template) for (i, j), label in group])
+    rng.shuffle(sets)
+    for s, group in enumerate(sets):
+        out += [dict(row, identifier=f"{split}-{s}-{p}-0") for p, row in enumerate(group)]
+    return out
+
+
+def write_nlvr2(out_dir, seed):
+    """nlvr2_train.jsonl and nlvr2_val.jsonl from the demo's image rows (their objects), with a random stream
+    of their own: the rest of the demo is the same with or without them."""
+    rng = random.Random(f"nlvr2/{seed}")
+    for split in ("train", "val"):
+        with open(os.path.join(out_dir, f"images_{split}.jsonl"), encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        per_label = max(2, round(len(rows) / 20) * 2)  # 40 a sentence for 400 images
+        write_jsonl(_nlvr2_rows(rng, rows, split, per_label), os.path.join(out_dir, f"nlvr2_{split}.jsonl"))
+
+
 def write_video(path, frames, fps=8, gop=4):
     """uint8 frames (N, H, W, 3), even H and W -> H.264 mp4; small GOP so seeking is cheap."""
     with av.open(path, "w") as c:
@@ -157,15 +224,18 @@ def _clip(rng, nrng, o, motion, T=16):
 
 def make_demo(out_dir, n_train=400, n_val=100, n_videos=60, seed=0):
     """Write the demo dataset (deterministic in seed) and return {name: jsonl path}.
-    Images: n_train + n_val; videos: n_videos split 80/20; VQA: two questions per image.
-    Kept as is when a finished one with the same settings is already there."""
+    Images: n_train + n_val; videos: n_videos split 80/20; VQA: two questions per image; NLVR2: pairs of
+    the images (write_nlvr2). Kept as is when a finished one with the same settings is already there; a
+    finished one from before NLVR2 gains its NLVR2 files."""
     names = ["images_train", "images_val", "videos_train", "videos_val", "vqa_train", "vqa_val"]
-    paths = {k: os.path.join(out_dir, k + ".jsonl") for k in names}
+    paths = {k: os.path.join(out_dir, k + ".jsonl") for k in names + ["nlvr2_train", "nlvr2_val"]}
     settings = dict(n_train=n_train, n_val=n_val, n_videos=n_videos, seed=seed, canvas=CANVAS)
     done = os.path.join(out_dir, "demo.json")  # written last: its presence means complete
-    if os.path.isfile(done) and all(map(os.path.isfile, paths.values())):
+    if os.path.isfile(done) and all(os.path.isfile(paths[k]) for k in names):
         with open(done) as f:
             if json.load(f) == settings:
+                if not all(map(os.path.isfile, paths.values())):
+                    write_nlvr2(out_dir, seed)
                 return paths
     for sub in ("images", "videos"):
         os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
@@ -210,6 +280,7 @@ def make_demo(out_dir, n_train=400, n_val=100, n_videos=60, seed=0):
             caps = [f"{_phrase(o)} moving {motion}", f"the {o['color']} {o['shape']} moves {MOTIONS[motion]}"]
             rows.append(dict(video=rel, caption=caps, objects=[o], boxes=[box], motion=motion))
         write_jsonl(rows, paths[f"videos_{split}"])
+    write_nlvr2(out_dir, seed)
     with open(done, "w") as f:
         json.dump(settings, f)
     return paths

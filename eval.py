@@ -1,7 +1,8 @@
-"""Evaluation for SCL (METHOD.md §7): image/video-text retrieval, VQA scoring, and pictures.
+"""Evaluation for SCL (METHOD.md §7): image/video-text retrieval, VQA and NLVR2 scoring, and pictures.
 
     python eval.py retrieval --ckpt runs/coco/last.pt --data coco_test.jsonl --k 128 --show 10
     python eval.py vqa --ckpt runs/vqa/last.pt --data vqa_val.jsonl --out results/
+    python eval.py nlvr2 --ckpt runs/nlvr2/best.pt --data nlvr2_dev.jsonl
 
 Results go to --out (default: the checkpoint's folder) as eval_<task>_<checkpoint>_<data>.json, so the
 evaluations of best.pt and last.pt on one file keep one json each.
@@ -18,6 +19,7 @@ import math
 import os
 import re
 from collections import Counter
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -25,9 +27,10 @@ from tqdm import tqdm
 
 from data import DataError, PairDataset, Tokenizer, read_jsonl
 from grounding import evaluate_grounding, print_grounding
-from guard import check_writable, write_file
-from model import PRECISIONS, SCLModel, autocast, config_from_checkpoint, resolve_precision
+from guard import check_eval_flags, check_writable, write_file
+from model import PRECISIONS, SCLModel, autocast, config_from_checkpoint, fit_modality_rows, resolve_precision
 from pictures import plot_curves, write_attention_png, write_show_html
+from vqa_score import normalize_answer, vqa_accuracy
 
 
 class CheckpointError(ValueError):
@@ -41,8 +44,10 @@ class Interrupted(Exception):
 # checkpoints and batching
 
 
-def load_model(ckpt_path, device="cpu"):
-    """A checkpoint written by train.py -> (model in eval mode on device, tokenizer, checkpoint dict)."""
+def load_model(ckpt_path, device="cpu", fresh_nlvr2_head=False):
+    """A checkpoint written by train.py -> (model in eval mode on device, tokenizer, checkpoint dict).
+    fresh_nlvr2_head: a checkpoint without an NLVR2 head (a pre-trained one) gets a freshly initialised head
+    (seed 0) and the right image's modality row (METHOD.md §7.3): the chance baseline before fine-tuning."""
     if not os.path.isfile(ckpt_path):
         raise CheckpointError(f"{ckpt_path}: checkpoint not found")
     try:
@@ -54,9 +59,19 @@ def load_model(ckpt_path, device="cpu"):
     if missing:
         raise CheckpointError(f"{ckpt_path}: not an SCL checkpoint (no {', '.join(missing)})")
     try:
-        model = SCLModel(config_from_checkpoint(ckpt["config"]))
+        config = config_from_checkpoint(ckpt["config"])
         # weights saved from a compiled or DDP-wrapped model carry a prefix on every name
-        model.load_state_dict({re.sub(r"^(_orig_mod\.|module\.)+", "", k): v for k, v in ckpt["model"].items()})
+        state = {re.sub(r"^(_orig_mod\.|module\.)+", "", k): v for k, v in ckpt["model"].items()}
+        if fresh_nlvr2_head:
+            if config.nlvr2:
+                raise CheckpointError(f"{ckpt_path}: has an NLVR2 head already (leave out --fresh-head)")
+            config, state = replace(config, nlvr2=True), fit_modality_rows(state, 3)
+        with torch.random.fork_rng(devices=[]):  # the same fresh head on every call; the caller's RNG untouched
+            torch.manual_seed(0)
+            model = SCLModel(config)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if unexpected or [k for k in missing if not (fresh_nlvr2_head and k.startswith("nlvr2_head."))]:
+            raise RuntimeError(f"missing {missing[:3]}, unexpected {unexpected[:3]}")
     except (TypeError, RuntimeError, AttributeError) as e:
         first = (str(e).strip().splitlines() or [""])[0]
         raise CheckpointError(f"{ckpt_path}: weights do not fit the model its config describes ({first})") from None
@@ -358,82 +373,7 @@ def evaluate_retrieval(model, tokenizer, rows, k=128, batch_size=64, device="cpu
     return metrics, ranked
 
 # -----------------------------------------------------------------------------
-# VQA: the official accuracy, as the VQA v2 evaluation script vqaEval.py computes it:
-# https://github.com/GT-Vision-Lab/VQA/blob/master/PythonEvaluationTools/vqaEvaluation/vqaEval.py
-# The prediction is normalised fully (processPunctuation, then processDigitArticle); the annotators'
-# answers only get processPunctuation, and only when they are not all the same string.
-
-NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
-           "seven": "7", "eight": "8", "nine": "9", "ten": "10"}  # manualMap
-ARTICLES = {"a", "an", "the"}
-# the official contraction table: its 75 single contractions keyed by the form without apostrophes ...
-CONTRACTIONS = {w.replace("'", ""): w for w in (
-    "ain't aren't can't could've couldn't didn't doesn't don't hadn't hasn't haven't he'd he's how'd how'll "
-    "how's isn't it'd it'll ma'am mightn't might've mustn't must've needn't not've o'clock oughtn't shan't "
-    "should've shouldn't somebody'll somebody's someone'd someone'll someone's something'd something'll "
-    "that's there'd there're there's they'd they'll they're they've 'twas wasn't we've weren't what'll "
-    "what're what's what've when's where'd where's where've who'd who'll who's who've why'll why're why's "
-    "won't would've wouldn't y'all you'd you'll you're you've").split()}
-# ... and its 45 other entries as they are: double contractions keyed by the forms missing one apostrophe,
-# two identities, "somebody'd" mapped the wrong way round, and capitalised keys that never match (the words
-# are lowercased first)
-CONTRACTIONS.update({
-    "couldn'tve": "couldn't've", "couldnt've": "couldn't've", "hadnt've": "hadn't've", "hadn'tve": "hadn't've",
-    "hed've": "he'd've", "he'dve": "he'd've", "Id've": "I'd've", "I'dve": "I'd've", "Im": "I'm", "Ive": "I've",
-    "itd've": "it'd've", "it'dve": "it'd've", "let's": "let's", "mightnt've": "mightn't've",
-    "mightn'tve": "mightn't've", "ow's'at": "'ow's'at", "'ows'at": "'ow's'at", "'ow'sat": "'ow's'at",
-    "shed've": "she'd've", "she'dve": "she'd've", "she's": "she's", "shouldnt've": "shouldn't've",
-    "shouldn'tve": "shouldn't've", "somebody'd": "somebodyd", "somebodyd've": "somebody'd've",
-    "somebody'dve": "somebody'd've", "someoned've": "someone'd've", "someone'dve": "someone'd've",
-    "somethingd've": "something'd've", "something'dve": "something'd've", "thered've": "there'd've",
-    "there'dve": "there'd've", "theyd've": "they'd've", "they'dve": "they'd've", "wed've": "we'd've",
-    "we'dve": "we'd've", "whod've": "who'd've", "who'dve": "who'd've", "wouldnt've": "wouldn't've",
-    "wouldn'tve": "wouldn't've", "yall'll": "y'all'll", "y'allll": "y'all'll", "yall'd've": "y'all'd've",
-    "y'alld've": "y'all'd've", "y'all'dve": "y'all'd've", "youd've": "you'd've", "you'dve": "you'd've"})
-PUNCT = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]
-COMMA_DIGITS = re.compile(r"(\d)(,)(\d)")  # commaStrip
-# periodStrip as written: its look-behind is mistyped ("(?!<=" is a look-ahead for "<="), so in effect it
-# strips every period not followed by a digit ("3.5" stays, "5." and "dog." lose theirs)
-PERIOD = re.compile(r"(?!<=\d)(\.)(?!\d)")
-
-
-def process_punctuation(s):
-    """vqaEval.processPunctuation. Each mark is deleted when, in the ORIGINAL string, it touches a space
-    or a comma sits between digits ("1,000"), else replaced by a space ("t-shirt" -> "t shirt"). Then
-    periods not followed by a digit go, at most 32: the script passes re.UNICODE (32) where sub() takes
-    its count."""
-    out, delete = s, COMMA_DIGITS.search(s) is not None
-    for p in PUNCT:
-        out = out.replace(p, "" if delete or p + " " in s or " " + p in s else " ")
-    return PERIOD.sub("", out, count=32)
-
-
-def process_digit_article(s):
-    """vqaEval.processDigitArticle: lowercase, number words to digits, articles dropped, then contractions."""
-    words = [NUMBERS.get(w, w) for w in s.lower().split()]
-    return " ".join(CONTRACTIONS.get(w, w) for w in words if w not in ARTICLES)
-
-
-def normalize_answer(s):
-    """An answer normalised as the official evaluation normalises a prediction: newlines and tabs to
-    spaces, strip, punctuation, lowercase, number words, articles, contractions. Also what the answer
-    list and the training targets are built from (build_answer_vocab, soft_targets)."""
-    return process_digit_article(process_punctuation(s.replace("\n", " ").replace("\t", " ").strip()))
-
-
-def vqa_accuracy(pred, answers):
-    """Official VQA accuracy of one prediction against the annotators' answers, in [0, 1]: the mean over
-    the leave-one-annotator-out subsets of min(1, matches / 3). As in vqaEval.py, the prediction is
-    normalised fully but the answers are compared as given, or only punctuation-processed when they
-    disagree: "t shirt" scores 0 against ten "t-shirt", "2" scores 0 against "two"."""
-    if not answers:
-        raise ValueError("no annotator answers to score against")
-    pred = normalize_answer(pred)
-    gts = [process_punctuation(a) for a in answers] if len(set(answers)) > 1 else answers
-    hits = [a == pred for a in gts]
-    m = sum(hits)
-    return sum(min(1.0, (m - h) / 3) for h in hits) / len(hits)
-
+# VQA: the official accuracy (vqa_score.py) and the training targets
 
 # by matching annotators (0, 1, 2, 3, 4+ of 10): the leave-one-out accuracy with BOTH sides normalised, the
 # training target of METER/ViLT (not vqa_accuracy, which leaves the annotators' answers almost raw)
@@ -500,6 +440,62 @@ def evaluate_vqa(model, tokenizer, rows, answers, batch_size=64, device="cpu", m
     return (100.0 * sum(accs) / len(accs) if accs else None), preds
 
 # -----------------------------------------------------------------------------
+# NLVR2: accuracy and the official consistency
+
+
+def sentence_key(row):
+    """The sentence of an NLVR2 row, for consistency. As the official metrics.py groups them: the identifier
+    split-set-pair-sentence without its pair field (the pairs a sentence was judged on); without an
+    identifier, the sentence itself."""
+    if row.get("identifier") is None:
+        return "caption:" + row["captions"][0]
+    parts = row["identifier"].split("-")
+    return "-".join(parts[:2] + [""] + parts[3:])
+
+
+def consistency(keys, correct):
+    """Percent of the distinct keys (sentences) whose every pair is right; keys and correct: one per pair."""
+    every = {}
+    for key, ok in zip(keys, correct):
+        every[key] = every.get(key, True) and bool(ok)
+    return 100.0 * sum(every.values()) / len(every)
+
+
+@torch.no_grad()
+def evaluate_nlvr2(model, tokenizer, rows, batch_size=64, device="cpu", max_len=40, image_size=224, frames=4,
+                   workers=0, skip_bad=False, skipped=None, stop=None, precision="auto"):
+    """NLVR2 rows -> (metrics, predictions). metrics: accuracy and consistency (percent, METHOD.md §7.3),
+    pairs (the examples scored) and sentences (their distinct sentences); predictions: [{"identifier" (the
+    row's, or its index), "prediction": bool}] in row order. skip_bad, skipped, stop, precision: as in
+    evaluate_vqa; an unreadable pair is left out of every figure."""
+    for i, row in enumerate(rows):
+        if "paths" not in row:
+            raise DataError(f"{row.get('jsonl', '?')}:{row.get('line', i + 1)}: not an NLVR2 row "
+                            f"(\"images\": [left, right], \"label\")")
+    device = torch.device(device)
+    precision = resolve_precision(precision, device)
+    model.eval()
+    preds, keys, correct, bad = [], [], [], skipped if skipped is not None else []
+    for items in tqdm(_loader(rows, image_size, frames, batch_size, workers), desc="nlvr2", disable=None):
+        _check(stop)
+        items = _readable(items, skip_bad, bad)
+        if not items:
+            continue
+        pixels = torch.stack([it["pixels"] for it in items]).to(device)       # (B, 2, T, 3, S, S)
+        ids, mask = (x.to(device) for x in tokenizer.encode([it["caption"] for it in items], max_len))
+        with autocast(device, precision):
+            true = (model.nlvr2_logits(pixels, ids, mask).float().argmax(1) == 1).tolist()
+        for it, pred in zip(items, true):
+            row = rows[it["index"]]
+            preds.append({"identifier": row.get("identifier", it["index"]), "prediction": pred})
+            keys.append(sentence_key(row))
+            correct.append(pred == row["label"])
+    if not preds:
+        raise DataError("no image pair of the evaluation rows could be read")
+    return dict(accuracy=100.0 * sum(correct) / len(correct), consistency=consistency(keys, correct),
+                pairs=len(correct), sentences=len(set(keys))), preds
+
+# -----------------------------------------------------------------------------
 # command line
 
 
@@ -513,30 +509,6 @@ def print_retrieval(metrics):
             print(f"{head + ' ' + d:10}{m[f'{d}_r1']:8.2f}{m[f'{d}_r5']:8.2f}{m[f'{d}_r10']:8.2f}"
                   f"{m[f'{d}_medr']:8.1f}")
         print(f"{head + ' mean':10}{m['mean']:8.2f}")
-
-
-def check_flags(a):
-    """Every flag's value, checked before anything is loaded: SystemExit with one line for the first bad one."""
-    for flag, least in (("--batch-size", 1), ("--limit", 1), ("--workers", 0), ("--image-size", 1), ("--frames", 1),
-                        ("--max-len", 2), ("--k", 0), ("--show", 0), ("--images", 1), ("--texts", 1),
-                        ("--batches", 1), ("--peak-tflops", 1e-9), ("--mfu", 1e-9)):
-        value = getattr(a, flag[2:].replace("-", "_"), None)  # the task's own flags
-        if value is not None and value < least:
-            raise SystemExit(f"{flag} must be at least {least} (got {value})")
-    m = re.fullmatch(r"auto|cpu|cuda(?::(\d+))?", a.device)
-    if m is None:
-        raise SystemExit(f"--device must be auto, cpu, cuda or cuda:N (got {a.device!r})")
-    if a.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"--device {a.device}: CUDA is not available here (use --device cpu)")
-    if m.group(1) is not None and int(m.group(1)) >= torch.cuda.device_count():
-        raise SystemExit(f"--device {a.device}: there are {torch.cuda.device_count()} CUDA devices")
-    if getattr(a, "out", None) and a.out.endswith(".json"):  # --out of vqa once named the predictions file
-        raise SystemExit(f"--out {a.out}: --out is the folder for the result files; name the predictions with --preds")
-    frame = getattr(a, "video_frame", None)
-    if frame is not None and frame != "mean" and not frame.isdigit():
-        raise SystemExit(f"--video-frame must be mean or a frame number (got {frame!r})")
-    if getattr(a, "attention_image", None) and not os.path.isfile(a.attention_image):
-        raise SystemExit(f"--attention-image {a.attention_image}: no such file")
 
 
 def main(argv=None):
@@ -571,6 +543,11 @@ def main(argv=None):
                    help="videos: mean (each sampled frame against its own box, averaged) or N, the N-th frame alone")
     v = sub.add_parser("vqa", parents=[common], help="VQA score and predictions in the VQA v2 submission format")
     v.add_argument("--preds", help="predictions json (default: vqa_preds_<checkpoint>_<data>.json in --out)")
+    n = sub.add_parser("nlvr2", parents=[common], help="NLVR2 accuracy and consistency; predictions in the "
+                       "official csv format (identifier,True|False)")
+    n.add_argument("--preds", help="predictions csv (default: nlvr2_preds_<checkpoint>_<data>.csv in --out)")
+    n.add_argument("--fresh-head", action="store_true", help="score a checkpoint without an NLVR2 head (pre-trained) "
+                   "with a freshly initialised one: the chance baseline before fine-tuning")
     c = sub.add_parser("plot", help="training curves of one or more runs in one PNG, one colour per run")
     c.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders holding train.py's metrics.jsonl")
     c.add_argument("--out", help="the PNG to write (default: curves.png in the first RUN_DIR)")
@@ -585,7 +562,7 @@ def main(argv=None):
         print(f"wrote {out}")
         return out
 
-    check_flags(a)
+    check_eval_flags(a)
     out_dir = os.path.abspath(a.out or os.path.dirname(os.path.abspath(a.ckpt)))
     check_writable(out_dir, "pass --out DIR")
     if getattr(a, "preds", None):
@@ -603,10 +580,16 @@ def pick_device(name):
 def evaluate(a, out_dir):
     """main() after its checks: load, evaluate, print, then write the files."""
     device = pick_device(a.device)
-    model, tokenizer, ckpt = load_model(a.ckpt, device)
+    model, tokenizer, ckpt = load_model(a.ckpt, device, getattr(a, "fresh_head", False))
+    if a.task == "nlvr2" and not model.config.nlvr2:
+        raise CheckpointError(f"{a.ckpt}: not an NLVR2 checkpoint (no NLVR2 head): fine-tune one with train.py "
+                              f"--task nlvr2, or pass --fresh-head for the chance baseline of its weights")
     precision = resolve_precision(a.precision, device)
     print(f"precision {precision}" + (" (auto)" if a.precision == "auto" else ""))
     rows = read_jsonl(a.data)[:a.limit]
+    pair = next((r for r in rows if "paths" in r), None)
+    if pair is not None and a.task != "nlvr2":
+        raise DataError(f"{pair['jsonl']}:{pair['line']}: an NLVR2 image pair: evaluate the file with eval.py nlvr2")
     tc = ckpt.get("train_config") or {}
     # train.py's 0 means "the default": images the model's grid, videos the image size
     size = a.image_size or (rows[0]["kind"] == "video" and tc.get("video_size")) or tc.get("image_size") \
@@ -665,7 +648,7 @@ def evaluate(a, out_dir):
         print_grounding(metrics)
         results.update(precision=precision, video_frame=frame, **metrics)
         print(f"wrote {save()}")
-    else:
+    elif a.task == "vqa":
         answers = ckpt.get("answers")
         if not answers or len(answers) != model.config.n_answers:
             raise CheckpointError(f"{a.ckpt}: not a VQA checkpoint (its answer list does not match a VQA head)")
@@ -676,6 +659,17 @@ def evaluate(a, out_dir):
         results.update(vqa_score=score, precision=precision, predictions=os.path.abspath(a.preds or
                                                                   os.path.join(out_dir, f"vqa_preds_{name}.json")))
         write_file(results["predictions"], lambda f: json.dump(preds, f))
+        print(f"wrote {results['predictions']}\nwrote {save()}")
+    elif a.task == "nlvr2":
+        metrics, preds = evaluate_nlvr2(model, tokenizer, rows, skipped=results["skipped"], **opts)
+        report_skipped(results["skipped"])
+        print(f"NLVR2 accuracy {metrics['accuracy']:.2f}, consistency {metrics['consistency']:.2f} "
+              f"({metrics['pairs']} pairs, {metrics['sentences']} sentences)"
+              + (" with a fresh head" if a.fresh_head else ""))
+        results.update(precision=precision, fresh_head=a.fresh_head, **metrics, predictions=os.path.abspath(
+            a.preds or os.path.join(out_dir, f"nlvr2_preds_{name}.csv")))
+        write_file(results["predictions"], lambda f: f.writelines(f"{p['identifier']},{p['prediction']}\n"
+                                                                  for p in preds))
         print(f"wrote {results['predictions']}\nwrote {save()}")
     return results
 

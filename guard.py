@@ -59,6 +59,17 @@ def check_model_flags(cfg, config):
             raise SystemExit(f"--{name.replace('_', '-')} {size}: must be a multiple of the patch size {p}")
 
 
+def check_task_rows(task, files):
+    """Every row of the data files fits the task: NLVR2 image pairs are the rows of --task nlvr2 and of no
+    other task (a pair read as one image, or an image row as a pair, would train on something else).
+    files: {flag: rows}. SystemExit naming the file, the line and the flag of the first row that does not fit."""
+    for flag, rows in files.items():
+        for r in rows:
+            if ("paths" in r) != (task == "nlvr2"):
+                what = "an NLVR2 image pair" if "paths" in r else 'not an NLVR2 row ("images": [left, right], "label")'
+                raise SystemExit(f"{r.get('jsonl', '?')}:{r.get('line', '?')}: {what}, but --task is {task} ({flag})")
+
+
 # -- checkpoints ------------------------------------------------------------------------------------
 
 def save_checkpoint(path, state):
@@ -94,7 +105,32 @@ def load_checkpoint(path):
                          f"cannot say which model and tokenizer it belongs to)")
     return ckpt
 
-# -- evaluation results (eval.py) -----------------------------------------------------------------
+# -- evaluation (eval.py): its flags and its result files -----------------------------------------
+
+def check_eval_flags(a):
+    """eval.py: every flag's value, checked before anything is loaded: SystemExit with one line for the first
+    bad one."""
+    for flag, least in (("--batch-size", 1), ("--limit", 1), ("--workers", 0), ("--image-size", 1), ("--frames", 1),
+                        ("--max-len", 2), ("--k", 0), ("--show", 0), ("--images", 1), ("--texts", 1),
+                        ("--batches", 1), ("--peak-tflops", 1e-9), ("--mfu", 1e-9)):
+        value = getattr(a, flag[2:].replace("-", "_"), None)  # the task's own flags
+        if value is not None and value < least:
+            raise SystemExit(f"{flag} must be at least {least} (got {value})")
+    m = re.fullmatch(r"auto|cpu|cuda(?::(\d+))?", a.device)
+    if m is None:
+        raise SystemExit(f"--device must be auto, cpu, cuda or cuda:N (got {a.device!r})")
+    if a.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {a.device}: CUDA is not available here (use --device cpu)")
+    if m.group(1) is not None and int(m.group(1)) >= torch.cuda.device_count():
+        raise SystemExit(f"--device {a.device}: there are {torch.cuda.device_count()} CUDA devices")
+    if getattr(a, "out", None) and a.out.endswith(".json"):  # --out of vqa once named the predictions file
+        raise SystemExit(f"--out {a.out}: --out is the folder for the result files; name the predictions with --preds")
+    frame = getattr(a, "video_frame", None)
+    if frame is not None and frame != "mean" and not frame.isdigit():
+        raise SystemExit(f"--video-frame must be mean or a frame number (got {frame!r})")
+    if getattr(a, "attention_image", None) and not os.path.isfile(a.attention_image):
+        raise SystemExit(f"--attention-image {a.attention_image}: no such file")
+
 
 def check_writable(folder, fix):
     """Make `folder` if needed and write a scratch file there, before hours of evaluation depend on it."""

@@ -133,3 +133,8 @@ def mlm_loss(logits, labels):
 def vqa_loss(logits, targets):
     """VQA: BCE-with-logits against soft scores, times the number of answers (ViLT/METER). (B, A)."""
     return F.binary_cross_entropy_with_logits(logits.float(), targets) * targets.shape[1]
+
+
+def nlvr2_loss(logits, labels):
+    """NLVR2: 2-way cross-entropy, mean over examples; logits (B, 2), labels (B,) with 1 = the sentence is true."""
+    return F.cross_entropy(logits.float(), labels)

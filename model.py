@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from losses import contrastive, itm_loss, mlm_loss, sample_hard_negatives, semantic_completion, vqa_loss
+from losses import contrastive, itm_loss, mlm_loss, nlvr2_loss, sample_hard_negatives, semantic_completion, vqa_loss
 from vision import MLP, Attention, VisionTransformer, clip_to_ours, load_state, read_weights
 
 
@@ -53,6 +53,7 @@ class Config:
     fusion_ffn: int = 3072
     embed_dim: int = 512            # ITC embedding size
     n_answers: int = 0              # > 0 adds the VQA head (fine-tuning)
+    nlvr2: bool = False             # adds the NLVR2 head and a third modality row, the right image's (METHOD.md §7.3)
     dropout: float = 0.1            # text encoder and fusion layers, where BERT/METER put it; none in the ViT
     # pre-training losses (METHOD.md §6.6): a weight of 0 skips the loss's passes
     w_itc: float = 0.5
@@ -165,7 +166,8 @@ class SCLModel(nn.Module):
                                         c.image_size, c.max_frames, c.vision_act)
         self.text = TextEncoder(c)
         self.text_in, self.vision_in = nn.Linear(c.text_width, H), nn.Linear(c.vision_width, H)
-        self.modality = nn.Embedding(2, H)  # token type of the fusion: text 0, vision 1
+        # token type of the fusion: text 0, vision 1; NLVR2's right image 2 (its left image is 1)
+        self.modality = nn.Embedding(3 if c.nlvr2 else 2, H)
         self.text_fusion = nn.ModuleList(Block(H, c.fusion_heads, c.fusion_ffn, c.text_eps, True, c.dropout)
                                          for _ in range(c.fusion_layers))
         self.vision_fusion = nn.ModuleList(Block(H, c.fusion_heads, c.fusion_ffn, c.text_eps, True, c.dropout)
@@ -179,6 +181,9 @@ class SCLModel(nn.Module):
         if c.n_answers:
             self.vqa_head = nn.Sequential(nn.Linear(2 * H, 2 * H), nn.LayerNorm(2 * H), nn.GELU(),
                                           nn.Linear(2 * H, c.n_answers))
+        if c.nlvr2:  # on the two pooled pairs side by side (METHOD.md §7.3)
+            self.nlvr2_head = nn.Sequential(nn.Linear(4 * H, 2 * H), nn.LayerNorm(2 * H), nn.GELU(),
+                                            nn.Linear(2 * H, 2))
         self.grad_checkpointing = False
         self.init_weights()
 
@@ -235,15 +240,17 @@ class SCLModel(nn.Module):
         self.text.grad_checkpointing = self.grad_checkpointing
         return self.text_in(self.text(ids, mask))
 
-    def fuse(self, t, mask, v):
+    def fuse(self, t, mask, v, vision_row=1):
         """Co-attention (METHOD.md §4). t (B, L, H), mask (B, L), v (B, T, K, H) -> same shapes, fused.
 
         Both stacks update in parallel from the previous layer's outputs. Only attention over text
-        keys needs a mask; vision tokens are never padded.
+        keys needs a mask; vision tokens are never padded. vision_row: the modality row the vision
+        tokens get, 1 for an image or clip, or a (B,) long tensor of rows (NLVR2: 1 left, 2 right).
         """
         B, T, K, H = v.shape
         t = t + self.modality.weight[0]
-        v = v.flatten(1, 2) + self.modality.weight[1]                        # (B, T*K, H)
+        row = self.modality.weight[vision_row]                               # (H,) or (B, H)
+        v = v.flatten(1, 2) + (row[:, None] if row.dim() == 2 else row)      # (B, T*K, H)
         for text_layer, vision_layer in zip(self.text_fusion, self.vision_fusion):
             if self.grad_checkpointing and self.training:
                 t, v = (checkpoint(text_layer, t, mask, v, None, use_reentrant=False),
@@ -279,13 +286,31 @@ class SCLModel(nn.Module):
         """(B, n_answers) answer logits for (image, question) pairs."""
         return self.vqa_head(self.pool(*self.fuse(self.embed_text(ids, mask), mask, self.embed_vision(pixels))))
 
+    def nlvr2_logits(self, pixels, ids, mask):
+        """(B, 2) false / true logits of (left image, right image, sentence) examples; pixels (B, 2, T, 3, H, W).
+
+        METER's pair setting (METHOD.md §7.3): the sentence is fused with each image separately, as the
+        rows of one 2B batch (rows never interact, so this is two fusion calls in one), the left images
+        with modality row 1, the right ones with row 2; the head reads both pooled pairs side by side."""
+        B = ids.shape[0]
+        v = self.embed_vision(pixels.transpose(0, 1).flatten(0, 1))           # (2B, T, K, H): lefts, then rights
+        t = self.embed_text(ids, mask)                                       # (B, L, H): one text pass for both
+        rows = torch.arange(1, 3, device=ids.device).repeat_interleave(B)    # (2B,) = 1 x B, 2 x B
+        pooled = self.pool(*self.fuse(t.repeat(2, 1, 1), mask.repeat(2, 1), v, rows))  # (2B, 2H)
+        return self.nlvr2_head(torch.cat(pooled.split(B), dim=-1))           # (B, 4H) -> (B, 2)
+
     # -- training ----------------------------------------------------------------------------------
 
     def forward(self, batch):
         """batch: pixels (B, T, 3, H, W), text_ids/text_mask/mlm_ids/mlm_labels/scl_ids (B, L), and
         optionally image_ids (B,): the image each caption describes, so that two captions of one image
         are no negatives of each other in ITC and ITM. For VQA fine-tuning vqa_targets (B, n_answers)
-        instead of the masked texts. Returns the loss dict."""
+        instead of the masked texts; for NLVR2 pixels (B, 2, T, 3, H, W) and nlvr2_labels (B,), 1 = true.
+        Returns the loss dict."""
+        if "nlvr2_labels" in batch:
+            loss = nlvr2_loss(self.nlvr2_logits(batch["pixels"], batch["text_ids"], batch["text_mask"]),
+                              batch["nlvr2_labels"])
+            return {"loss": loss, "nlvr2": loss.detach()}
         if "vqa_targets" in batch:
             loss = vqa_loss(self.vqa_logits(batch["pixels"], batch["text_ids"], batch["text_mask"]),
                             batch["vqa_targets"])
@@ -412,6 +437,18 @@ def bert_to_ours(sd, layers):
         raise ValueError(f"text weights lack {missing[:5]}")
     used = {prefix + n for n in names.values()}
     return {ours: sd[prefix + theirs] for ours, theirs in names.items()}, sorted(k for k in sd if k not in used)
+
+
+def fit_modality_rows(state, rows):
+    """A checkpoint's weights with its modality table fitted to a model of `rows` rows (METHOD.md §7.3): a
+    pre-trained table (text, image) gains the right image's row as a copy of the image row, so that
+    fine-tuning starts with both images seen as the pre-trained model saw images (METER's rule); an NLVR2
+    table given to another task loses that row, which only NLVR2 reads."""
+    w = state.get("modality.weight")
+    if w is None or len(w) == rows:
+        return state
+    fitted = w[:rows] if len(w) > rows else torch.cat([w, w[1:2].expand(rows - len(w), -1)])
+    return {**state, "modality.weight": fitted.clone()}
 
 
 def config_from_checkpoint(saved):

@@ -4,7 +4,7 @@
     python train.py --data coco.jsonl --video-data webvid.jsonl --config base \
         --text roberta-base/ --vision ViT-B-16.pt     # the paper's recipe (METHOD.md §9)
     torchrun --nproc_per_node 8 train.py ...          # multi-GPU / multi-node
-    python train.py --task retrieval --init runs/demo/last.pt ...   # fine-tuning (METHOD.md §7)
+    python train.py --task retrieval --init runs/demo/last.pt ...   # fine-tuning (METHOD.md §7): retrieval, vqa, nlvr2
 """
 import argparse
 import inspect
@@ -24,15 +24,15 @@ from tqdm import tqdm
 
 from data import Collator, DataError, PairDataset, Tokenizer, item_seed, read_jsonl
 from demo import make_demo
-from eval import Interrupted, build_answer_vocab, evaluate_retrieval, evaluate_vqa, soft_targets
-from guard import (BAD_DATA, SAVE_FAILED, STOP, Agreement, check_flags, check_model_flags, check_unlocked,
-                   claim_run_folder, load_checkpoint, save_checkpoint)
-from model import (CONFIGS, PRECISIONS, Config, SCLModel, autocast, config_from_checkpoint, resolve_precision,
-                   text_config)
+from eval import Interrupted, build_answer_vocab, evaluate_nlvr2, evaluate_retrieval, evaluate_vqa, soft_targets
+from guard import (BAD_DATA, SAVE_FAILED, STOP, Agreement, check_flags, check_model_flags, check_task_rows,
+                   check_unlocked, claim_run_folder, load_checkpoint, save_checkpoint)
+from model import (CONFIGS, PRECISIONS, Config, SCLModel, autocast, config_from_checkpoint, fit_modality_rows,
+                   resolve_precision, text_config)
 from pictures import plot_curves
 
 
-TASKS = ("pretrain", "retrieval", "vqa")
+TASKS = ("pretrain", "retrieval", "vqa", "nlvr2")
 
 
 @dataclass
@@ -46,7 +46,7 @@ class TrainConfig:
     text: str = ""                # Hugging Face BERT/RoBERTa folder (weights + tokenizer)
     vision: str = ""              # CLIP weights: OpenAI .pt or Hugging Face .safetensors/.bin
     init: str = ""                # start from this checkpoint's weights (fine-tuning); not its loss weights
-    task: str = "pretrain"        # pretrain | retrieval (ITC + ITM) | vqa
+    task: str = "pretrain"        # pretrain | retrieval (ITC + ITM) | vqa | nlvr2 (image pairs, METHOD.md §7.3)
     resume: bool = False          # continue exactly from <out>/last.pt with the run's saved settings
     steps: int = 200              # optimiser steps
     batch_size: int = 32          # per rank and micro-step
@@ -339,8 +339,9 @@ def _main(argv, to_close):
 
     # data rows (checked at start-up: malformed lines, empty captions, missing files)
     if not cfg.data and not cfg.video_data:
-        if cfg.task == "vqa":
-            raise SystemExit("--task vqa needs --data (e.g. demo/vqa_train.jsonl from `python data.py demo`)")
+        if cfg.task in ("vqa", "nlvr2"):
+            raise SystemExit(f"--task {cfg.task} needs --data (e.g. demo/{cfg.task}_train.jsonl from "
+                             f"`python data.py demo`)")
         demo = make_demo(os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo")) if master else None
         if world > 1:
             dist.barrier()
@@ -353,6 +354,7 @@ def _main(argv, to_close):
     val_rows = read_rows(cfg.val_data, cfg, skipped)
     if not image_rows and not video_rows:
         raise SystemExit("no training data: give --data and/or --video-data")
+    check_task_rows(cfg.task, {"--data": image_rows, "--video-data": video_rows, "--val-data": val_rows})
 
     # tokenizer: the checkpoint's, the pretrained text model's, or trained on the captions
     if ckpt is not None:
@@ -383,7 +385,7 @@ def _main(argv, to_close):
     elif ckpt is not None:
         config = replace(config_from_checkpoint(ckpt["config"]), w_itc=defaults.w_itc, w_itm=defaults.w_itm,
                          w_mlm=defaults.w_mlm, w_scl=defaults.w_scl, image_mask_ratio=defaults.image_mask_ratio,
-                         n_answers=0)
+                         n_answers=0, nlvr2=False)
     elif cfg.text:
         config = CONFIGS[cfg.config]
     else:  # text encoder trained from scratch (CLIP weights or none): its vocabulary is the tokenizer's
@@ -392,6 +394,8 @@ def _main(argv, to_close):
         config = replace(config, w_mlm=0.0, w_scl=0.0)
     if cfg.task == "vqa":
         config = replace(config, n_answers=len(answers))
+    if cfg.task == "nlvr2":
+        config = replace(config, nlvr2=True)
     weights = {k: getattr(cfg, k) for k in ("w_itc", "w_itm", "w_mlm", "w_scl", "image_mask_ratio", "dropout")
                if getattr(cfg, k) >= 0}
     config = replace(config, **weights)
@@ -427,10 +431,12 @@ def _main(argv, to_close):
         if ckpt is not None:
             # weights saved from a compiled or DDP-wrapped model carry a prefix on every name
             state = {re.sub(r"^(_orig_mod\.|module\.)+", "", k): v for k, v in ckpt["model"].items()}
-            if not cfg.resume:  # fine-tuning: the task's new head starts fresh
-                state = {k: v for k, v in state.items() if not k.startswith("vqa_head.")}
+            heads = ("vqa_head.", "nlvr2_head.")
+            if not cfg.resume:  # fine-tuning: the task's new head starts fresh; NLVR2's modality rows (§7.3)
+                state = fit_modality_rows({k: v for k, v in state.items() if not k.startswith(heads)},
+                                          model.modality.num_embeddings)
             missing, unexpected = model.load_state_dict(state, strict=False)
-            bad = [k for k in missing if not k.startswith("vqa_head.")] + list(unexpected)
+            bad = [k for k in missing if not k.startswith(heads)] + list(unexpected)
             if bad:
                 raise SystemExit(f"{cfg.init or last}: does not fit the model: {bad[:5]}")
     config = model.config
@@ -513,6 +519,9 @@ def _main(argv, to_close):
                     if cfg.task == "vqa":
                         score, _ = evaluate_vqa(raw_model, tokenizer, rows, answers, **kw)
                         results[kind] = {"vqa": score, "score": score}
+                    elif cfg.task == "nlvr2":
+                        metrics, _ = evaluate_nlvr2(raw_model, tokenizer, rows, **kw)
+                        results[kind] = dict(metrics, score=metrics["accuracy"])
                     else:
                         metrics, _ = evaluate_retrieval(raw_model, tokenizer, rows, k=cfg.val_k, **kw)
                         result = metrics["itm"] if cfg.val_k else metrics["itc"]
@@ -563,7 +572,7 @@ def _main(argv, to_close):
             print(f"validation before training: {fmt(before)}")
             record({"step": step, "val": before})
     # running sums stay on the device; read once per log interval (no host sync inside a step)
-    totals = {k: torch.zeros((), device=device) for k in ("loss", "itc", "itm", "mlm", "mvsc", "mlsc", "vqa")}
+    totals = {k: torch.zeros((), device=device) for k in ("loss", "itc", "itm", "mlm", "mvsc", "mlsc", "vqa", "nlvr2")}
     bad_total, bad_streak = torch.zeros((), device=device), torch.zeros((), device=device)
     n_samples, n_steps, t0 = 0, 0, time.time()
     micro = step * cfg.grad_accum
