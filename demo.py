@@ -149,28 +149,25 @@ def _count(objs, attribute, value):
 
 def _nlvr2_rows(rng, rows, split, per_label):
     """NLVR2 rows for the demo image rows `rows` of one split. Every sentence gets the same number of true
-    and false pairs (per_label each, or as many as the images allow), so that the sentence alone predicts
+    and false pairs (per_label each, or as many as the images allow: the search goes through every ordered
+    pair of two images, from a random place in one shuffled list), so that the sentence alone predicts
     nothing; its pairs come in sets of four, two true and two false, numbered as NLVR2 numbers them
     (identifier split-set-pair-sentence), so that consistency is over four pairs a sentence, as there."""
-    out, sets = [], []
-    if len(rows) < 2:
-        return out
+    pairs = [(i, j) for i in range(len(rows)) for j in range(len(rows)) if i != j]
+    rng.shuffle(pairs)
+    sets = []
     for template, (text, attribute, truth) in STATEMENTS.items():
         values = {"color": list(COLORS), "shape": list(SHAPES), None: [None]}[attribute]
         for v in values:
             sentence = text.format(v=v, vs="crosses" if v == "cross" else f"{v}s",
                                    a="an" if v and v[0] in "aeiou" else "a")
-            found, tried = {True: [], False: []}, set()
-            for _ in range(200 * per_label):  # random ordered pairs of two different images
-                i, j = rng.sample(range(len(rows)), 2)
-                if (i, j) in tried:
-                    continue
-                tried.add((i, j))
+            found, start = {True: [], False: []}, rng.randrange(max(1, len(pairs)))
+            for i, j in pairs[start:] + pairs[:start]:
                 label = truth(_count(rows[i]["objects"], attribute, v), _count(rows[j]["objects"], attribute, v))
                 if len(found[label]) < per_label:
                     found[label].append((i, j))
-                if min(map(len, found.values())) == per_label:
-                    break
+                    if min(map(len, found.values())) == per_label:
+                        break
             n = min(map(len, found.values())) // 2 * 2
             for a in range(0, n, 2):
                 group = [(p, True) for p in found[True][a:a + 2]] + [(p, False) for p in found[False][a:a + 2]]
@@ -178,9 +175,7 @@ def _nlvr2_rows(rng, rows, split, per_label):
                 sets.append([dict(images=[rows[i]["image"], rows[j]["image"]], caption=sentence, label=label,
                                   template=template) for (i, j), label in group])
     rng.shuffle(sets)
-    for s, group in enumerate(sets):
-        out += [dict(row, identifier=f"{split}-{s}-{p}-0") for p, row in enumerate(group)]
-    return out
+    return [dict(row, identifier=f"{split}-{s}-{p}-0") for s, group in enumerate(sets) for p, row in enumerate(group)]
 
 
 def write_nlvr2(out_dir, seed):
