@@ -481,8 +481,9 @@ class Collator:
     Every random draw for a sample comes from a generator seeded by its own "seed", so masks
     do not depend on which samples share the batch or how many workers there are."""
 
-    def __init__(self, tokenizer, max_len=40, mlm_prob=0.15, scl_ratio=0.4):
+    def __init__(self, tokenizer, max_len=40, mlm_prob=0.15, scl_ratio=0.4, trim=0):
         self.tok, self.max_len, self.mlm_prob, self.scl_ratio = tokenizer, max_len, mlm_prob, scl_ratio
+        self.trim = trim  # > 0: cut the padding to the batch's longest text, rounded up to a multiple of this
         self.special = torch.tensor(sorted(tokenizer.special_ids))
         normal = torch.ones(tokenizer.vocab_size, dtype=torch.bool)
         normal[self.special] = False
@@ -517,6 +518,12 @@ class Collator:
             # SCL: round(ratio * n) of the n words (at least one), without replacement
             k = max(1, round(self.scl_ratio * n)) if n else 0
             scl_ids[b, pos[torch.randperm(n, generator=g)[:k]]] = self.tok.mask_id
+        if self.trim:
+            # after the masks are drawn over all max_len slots: the same masks, fewer padded columns. Padding
+            # is never attended to, so the losses are those of the full width (short captions on a CPU spend
+            # most of a 40-token text on padding); a handful of widths, not one, so --compile keeps it off
+            L = min(self.max_len, -(-int(mask.sum(1).max()) // self.trim) * self.trim)
+            ids, mask, mlm_ids, labels, scl_ids = (x[:, :L] for x in (ids, mask, mlm_ids, labels, scl_ids))
         batch = dict(pixels=torch.stack([s["pixels"] for s in kept]),  # (B, T, 3, S, S)
                      text_ids=ids, text_mask=mask, mlm_ids=mlm_ids, mlm_labels=labels, scl_ids=scl_ids,
                      index=torch.tensor([s["index"] for s in kept]), skipped=skipped)

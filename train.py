@@ -402,7 +402,7 @@ def _main(argv, to_close):
     video_size = cfg.video_size or image_size
 
     # data sets: every stream must fill one global batch
-    collate = Collator(tokenizer, cfg.max_text_len)
+    collate = Collator(tokenizer, cfg.max_text_len, trim=0 if cfg.compile else 8)  # compiled blocks: one width
     if cfg.task == "vqa":
         collate = VQACollator(collate, answers)
     sets = {}
