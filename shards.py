@@ -273,12 +273,15 @@ class ShardStream(torch.utils.data.IterableDataset):
     (pixels, caption, index, row, seed) plus "epoch" and "replaced" (the bad samples skipped before it).
 
     seen: the batches the rank has trained on (a DataLoader serves its workers in turn, so worker w takes
-    up the reader the uninterrupted run would have served next); saved: the positions in last.pt."""
+    up the reader the uninterrupted run would have served next). resume: last.pt, whose "seen" and "shards"
+    (the readers' positions) it continues from. Rank 0 prints warning() at start-up."""
 
-    def __init__(self, shards, batch, rank, world, workers, seed, size, frames, buffer, skip_bad, seen=0,
-                 saved=None, flag="data"):
+    def __init__(self, shards, batch, rank, world, workers, seed, size, frames, buffer, skip_bad, resume=None):
         self.shards, self.batch, self.rank, self.seed = shards, batch, rank, seed
-        self.size, self.frames, self.buffer, self.skip_bad, self.flag = size, frames, buffer, skip_bad, flag
+        self.size, self.frames, self.buffer, self.skip_bad = size, frames, buffer, skip_bad
+        self.flag = "data" if shards.kind == "image" else "video-data"
+        seen = resume["seen"][shards.kind] if resume else 0
+        saved = (resume.get("shards") or {}).get(shards.kind, {}) if resume else None
         self.per_rank = max(1, workers)  # --workers 0 reads in the main process: one reader
         self.readers = world * self.per_rank
         self.layout = dict(world=world, workers=self.per_rank, shards=len(shards), digest=shards.digest)
@@ -286,11 +289,13 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.states, self._perms = {}, {}
         if saved is not None:
             if not saved:
-                raise SystemExit(f"--resume: last.pt holds no position in the shards of --{flag} (a checkpoint of "
+                raise SystemExit(f"--resume: last.pt holds no position in the shards of --{self.flag} (a checkpoint of "
                                  f"an older version?): start a new run with --init")
             self._check(saved, workers)
             mine = range(rank * self.per_rank, (rank + 1) * self.per_rank)
             self.states = {r: saved["states"][r] for r in mine if saved["states"][r] is not None}
+        if rank == 0 and self.warning():
+            print(self.warning())
 
     def _check(self, saved, workers):
         """A resumed run must read the same shards with the same readers: positions are byte offsets."""
@@ -466,6 +471,27 @@ class _Reader:
                     pending=list(self.pending), bad_run=self.bad_run,
                     buffer=torch.tensor([e[:3] for e in self.buf], dtype=torch.long).reshape(-1, 3),
                     epoch=p // len(self.ds.shards), shard=os.path.basename(self.ds.shard_at(p)[0]))
+
+
+class Positions:
+    """Where each of this rank's readers is after the last batch trained on, per kind ({kind: ShardStream})."""
+
+    def __init__(self, streams, at=None):
+        self.streams = streams
+        self.at = at if at is not None else {k: dict(ds.states) for k, ds in streams.items()}
+
+    def keep(self, kind, batch):
+        """A batch is trained on: its reader is now where the batch's "shard_state" says."""
+        state = batch.pop("shard_state", None)
+        if state is not None:
+            self.at[kind][state["reader"]] = state
+
+    def copy(self):
+        return Positions(self.streams, {k: dict(v) for k, v in self.at.items()})
+
+    def gathered(self, gather):
+        """Every rank together (gather is a collective): all readers' positions -> what last.pt keeps."""
+        return {k: self.streams[k].position(gather(self.at[k])) for k in sorted(self.at)}
 
 
 class WithPosition:

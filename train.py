@@ -23,7 +23,6 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from data import Collator, DataError, PairDataset, Tokenizer, item_seed, read_jsonl
-from shards import Shards, ShardStream, WithPosition, captions_for_vocabulary, is_shards, open_shards, scan_rows
 from demo import make_demo
 from eval import Interrupted, build_answer_vocab, evaluate_retrieval, evaluate_vqa, soft_targets
 from guard import (BAD_DATA, SAVE_FAILED, STOP, Agreement, check_flags, check_model_flags, check_unlocked,
@@ -31,6 +30,8 @@ from guard import (BAD_DATA, SAVE_FAILED, STOP, Agreement, check_flags, check_mo
 from model import (CONFIGS, PRECISIONS, Config, SCLModel, autocast, config_from_checkpoint, resolve_precision,
                    text_config)
 from pictures import plot_curves
+from shards import (Positions, Shards, ShardStream, WithPosition, captions_for_vocabulary, is_shards, open_shards,
+                    scan_rows)
 
 
 TASKS = ("pretrain", "retrieval", "vqa")
@@ -358,14 +359,14 @@ def _main(argv, to_close):
         cfg = replace(cfg, data=demo["images_train"], video_data=demo["videos_train"],
                       val_data=cfg.val_data or demo["images_val"], video_size=cfg.video_size or 32)
     skipped = []
-    image_rows, video_rows = read_rows(cfg.data, cfg, skipped, "image"), read_rows(cfg.video_data, cfg, skipped, "video")
+    train_data = {k: read_rows(path, cfg, skipped, k) for k, path in (("image", cfg.data), ("video", cfg.video_data))}
     val_rows = read_rows(cfg.val_data, cfg, skipped)
-    if not image_rows and not video_rows:
+    if not any(train_data.values()):
         raise SystemExit("no training data: give --data and/or --video-data")
-    shards = {k: r for k, r in (("image", image_rows), ("video", video_rows)) if isinstance(r, Shards)}
+    shards = {k: d for k, d in train_data.items() if isinstance(d, Shards)}  # streamed (shards.py), else jsonl rows
     if shards and cfg.task == "vqa":
         raise SystemExit(f"--data {cfg.data}: tar shards hold image-text pairs; VQA fine-tuning reads a jsonl")
-    image_rows, video_rows = ([] if isinstance(r, Shards) else r for r in (image_rows, video_rows))
+    image_rows, video_rows = ([] if k in shards else d for k, d in train_data.items())
 
     # tokenizer: the checkpoint's, the pretrained text model's, or trained on the captions
     if ckpt is not None:
@@ -423,11 +424,9 @@ def _main(argv, to_close):
     for kind, rows, size, batch, flag in (("image", image_rows, image_size, cfg.batch_size, "batch-size"),
                                           ("video", video_rows, video_size, cfg.video_batch_size or cfg.batch_size,
                                            "video-batch-size" if cfg.video_batch_size else "batch-size")):
-        if kind in shards:  # endless streams: any batch fills; on resume each reader's saved position
+        if kind in shards:  # endless streams: any batch fills; on resume each reader continues where it was
             sets[kind] = (ShardStream(shards[kind], batch, rank, world, cfg.workers, cfg.seed, size, cfg.frames,
-                                      cfg.shuffle_buffer, cfg.skip_bad, ckpt["seen"][kind] if cfg.resume else 0,
-                                      (ckpt.get("shards") or {}).get(kind, {}) if cfg.resume else None,
-                                      "data" if kind == "image" else "video-data"), batch)
+                                      cfg.shuffle_buffer, cfg.skip_bad, ckpt if cfg.resume else None), batch)
         elif rows:
             ds = PairDataset(rows, image_size=size, frames=cfg.frames, train=True, seed=cfg.seed,
                              skip_bad=cfg.skip_bad)
@@ -478,11 +477,9 @@ def _main(argv, to_close):
     if master:
         tokenizer.save(cfg.out)  # beside the checkpoints (which carry it too), for use outside this code
         print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, " + ", ".join(
-            f"{len(shards[k])} {k} shards" if k in shards else f"{len(r)} {k} rows"
-            for k, r in (("image", image_rows), ("video", video_rows))) + f", device {device} ({precision}), world {world}")
-        for ds, _ in sets.values():
-            if isinstance(ds, ShardStream) and ds.warning():
-                print(ds.warning())
+            f"{len(shards.get(k, r))} {k} {'shards' if k in shards else 'rows'}" for k, r in (("image", image_rows),
+                                                                                       ("video", video_rows)))
+              + f", device {device} ({precision}), world {world}")
     log = open(os.path.join(cfg.out, "metrics.jsonl"), "a") if master else None
     if log:
         to_close.append(log)
@@ -494,12 +491,7 @@ def _main(argv, to_close):
 
     # loaders: each modality keeps its own resolution and frame count
     streams = {kind: loader(ds, cfg, collate, batch, rank, world, seen[kind]) for kind, (ds, batch) in sets.items()}
-    # shards: the position of each of this rank's readers after the last batch trained on (for last.pt)
-    where = {kind: dict(sets[kind][0].states) for kind in shards}
-
-    def positions(at):
-        """Every rank together (a collective): all readers' positions -> what last.pt keeps."""
-        return {kind: sets[kind][0].position(agree.gather(at[kind])) for kind in sorted(at)}
+    where = Positions({k: sets[k][0] for k in shards})  # shards: each reader's position after the batches trained on
     ratio = cfg.video_ratio if len(streams) == 2 else float("video" in streams)
 
     if world > 1:
@@ -559,8 +551,7 @@ def _main(argv, to_close):
         return dict(results, score=sum(r["score"] for r in results.values()) / len(results))
 
     def checkpoint(path, val=None, at=None):
-        """rank 0 writes; -> None, or the reason the write failed (the previous file is intact). at: positions()
-        in the shards (last.pt; best.pt is not resumed from)."""
+        """rank 0 writes; -> None, or the reason the write failed (the previous file is intact). at: in the shards."""
         if not master:
             return None
         try:
@@ -604,18 +595,16 @@ def _main(argv, to_close):
         factor = lr_factor(step, cfg)
         for g in opt.param_groups:
             g["lr"] = cfg.lr * g["lr_mult"] * factor
-        seen_before, where_before = dict(seen), {kind: dict(at) for kind, at in where.items()}
+        seen_before, where_before = dict(seen), where.copy()
         for k in range(cfg.grad_accum):
             kind = "video" if is_video_step(micro, ratio) else "image"
             batch = next(streams[kind])
             seen[kind] += 1
-            at = batch.pop("shard_state", None)
-            if at is not None:
-                where[kind][at["reader"]] = at
+            where.keep(kind, batch)
             error = batch.get("error")
             if agree(BAD_DATA if error else 0) & BAD_DATA:  # all ranks stop together, at the last step's state
                 seen.update(seen_before)
-                failed = checkpoint(last, at=positions(where_before))
+                failed = checkpoint(last, at=where_before.gathered(agree.gather))
                 raise SystemExit(f"bad sample: {error}\n(pass --skip-bad to skip and count such samples)" if error
                                  else "another rank met a bad sample (see its message); stopping"
                                  + (f"; {failed}" if failed else ""))
@@ -671,7 +660,7 @@ def _main(argv, to_close):
         if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
             failed = validate_and_keep_best()[1]
         if step % cfg.save_every == 0:
-            at = positions(where)  # every rank, even where rank 0's best.pt failed
+            at = where.gathered(agree.gather)  # every rank (a collective), even where rank 0's best.pt failed
             failed = failed or checkpoint(last, at=at)
         # one agreement per step: a stop request or a failed save on any rank stops every rank
         code = agree((STOP if stop["signal"] is not None else 0) | (SAVE_FAILED if failed else 0))
@@ -679,13 +668,13 @@ def _main(argv, to_close):
     bar.close()
 
     if code & STOP:
-        failed = checkpoint(last, at=positions(where))
+        failed = checkpoint(last, at=where.gathered(agree.gather))
         settle(agree(SAVE_FAILED if failed else 0), failed)
         if master:
             print(f"stopped by signal {stop['signal'] or 'on another rank'} at step {step}; checkpoint saved to {last}")
     else:
         after, failed = validate_and_keep_best()
-        at = positions(where)
+        at = where.gathered(agree.gather)
         failed = failed or checkpoint(last, after, at)
         settle(agree(SAVE_FAILED if failed else 0), failed)
         if master and after:

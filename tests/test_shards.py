@@ -23,8 +23,8 @@ import model as model_module
 import train
 from data import DataError, PairDataset, load_image, read_jsonl, swap_left_right, write_jsonl
 from demo import make_demo
-from shards import (ShardError, ShardStream, expand_braces, is_shards, open_shards, read_samples, scan_rows,
-                    write_shards)
+from shards import (Positions, ShardError, ShardStream, expand_braces, is_shards, open_shards, read_samples,
+                    scan_rows, write_shards)
 from test_train import REPO, absolute_rows, flags, free_port, load, metrics
 
 SIZE = 32
@@ -175,6 +175,30 @@ def test_readers_split_every_epoch_and_reshuffle(demo, tmp_path):
     assert run(0) == got and run(1) != got
 
 
+def test_saved_positions_resume_exactly(demo, tmp_path):
+    """Positions kept after j of a rank's batches (an odd j: the other worker serves next; some in the middle of a
+    sample's two captions) make a new stream continue with exactly the uninterrupted batches."""
+    spec = write_shards(read_jsonl(pairs_jsonl(demo, tmp_path / "p.jsonl", 9, captions=2)), str(tmp_path / "s"), 2)
+
+    def batches(n, resume=None):
+        """n batches of rank 1 (of 2) as its DataLoader serves its 2 workers, in turn -> (indices, Positions)"""
+        ds = ShardStream(open_shards(spec, "image"), 3, 1, 2, 2, 0, SIZE, 1, 4, False, resume)
+        workers, at, out = [ds.batches(0), ds.batches(1)], Positions({"image": ds}), []
+        for j in range(n):
+            items, state = next(workers[j % 2])
+            at.keep("image", {"shard_state": state})
+            out.append([it["index"] for it in items])
+        return out, at
+    straight, _ = batches(10)
+    mid_sample = 0
+    for j in (3, 4, 7):
+        first, at = batches(j)
+        saved = at.gathered(lambda part: [part])  # this rank's part only: rank 0's readers are not needed here
+        mid_sample += sum(st["caption"] == 1 for st in saved["image"]["states"] if st)
+        assert first + batches(10 - j, {"seen": {"image": j}, "shards": saved})[0] == straight
+    assert mid_sample > 0
+
+
 # a train.py process that records what every forward trained on: (index, epoch) per sample
 RECORDING = """
 import json, os, sys
@@ -239,6 +263,8 @@ def test_two_ranks_sigterm_then_resume_continues_exactly(demo, tmp_path):
                              on_start=lambda procs: procs[1].send_signal(signal.SIGTERM))
     stopped = load(os.path.join(out, "last.pt"))
     assert 1 <= stopped["step"] < 24 and len(first[0]) == stopped["step"]
+    before_stop = {i >> 6 for seq in first for index, epoch in seq for i, e in zip(index, epoch) if e == 0}
+    assert 0 < len(before_stop) < len(rows)  # mid-epoch
     assert all(s is not None for s in stopped["shards"]["image"]["states"])  # every reader has a position
     then, _ = run_two_ranks(tmp_path, flags(out=out, steps=24, resume=True, **common), "then")
     assert [a + b for a, b in zip(first, then)] == straight
