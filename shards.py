@@ -321,7 +321,8 @@ class ShardStream(torch.utils.data.IterableDataset):
         extra = " and fewer shards than readers: some shards are read by two readers at once" if n < s else ""
         return (f"warning: --{self.flag}: {n} shards for {s} readers ({self.layout['world']} ranks x {self.per_rank} "
                 f"workers) is not a multiple: an epoch ends inside a round of shards, so near its end some readers "
-                f"are already in the next epoch{extra}; every sample is still read once an epoch (README \"Large data\")")
+                f"are already in the next epoch{extra}; every sample is still read once an epoch "
+                f"(README \"Large data\")")
 
     def shard_at(self, p):
         """Position p of the endless shard order -> (path, epoch, shard number)."""
@@ -530,7 +531,8 @@ def write_shards(rows, out, per_shard):
     for row in rows:
         ext = os.path.splitext(row["path"])[1][1:].lower()
         if "question" in row:
-            raise DataError(f"{row['jsonl']}:{row['line']}: VQA rows do not go into shards (they hold image-text pairs)")
+            raise DataError(f"{row['jsonl']}:{row['line']}: VQA rows do not go into shards (they hold "
+                            f"image-text pairs)")
         if ext not in MEDIA[row["kind"]]:
             raise DataError(f"{row['jsonl']}:{row['line']}: a .{ext} {row['kind']} cannot go into a shard "
                             f"(.{', .'.join(MEDIA[row['kind']])})")

@@ -39,10 +39,10 @@ TASKS = ("pretrain", "retrieval", "vqa")
 
 @dataclass
 class TrainConfig:
-    data: str = ""                # image-text (or VQA) jsonl, or tar shards ('cc3m/{00000..00331}.tar', a folder, a .txt list); empty: the demo
+    data: str = ""                # image-text (or VQA) jsonl, or tar shards (README "Large data"); empty: the demo set
     video_data: str = ""          # video-text jsonl or tar shards, mixed with the image batches
-    val_data: str = ""            # validation jsonl or shards (images, videos or both, each at its own size); empty: the demo's
-    shuffle_buffer: int = 1000    # tar shards: samples each reader (rank x worker) holds to shuffle (their encoded bytes)
+    val_data: str = ""            # validation jsonl or shards (images/videos, each at its own size); empty: the demo's
+    shuffle_buffer: int = 1000    # tar shards: samples each reader (rank x worker) holds to shuffle, as encoded bytes
     out: str = "runs/demo"        # run folder: last.pt, best.pt, metrics.jsonl, tokenizer
     overwrite: bool = False       # start afresh in an --out that holds an earlier run (its checkpoints are deleted)
     config: str = "tiny"          # model preset: tiny, small, base
@@ -476,10 +476,9 @@ def _main(argv, to_close):
         raise SystemExit(refused or "rank 0 could not take the run folder (see its message); stopping")
     if master:
         tokenizer.save(cfg.out)  # beside the checkpoints (which carry it too), for use outside this code
-        print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, " + ", ".join(
-            f"{len(shards.get(k, r))} {k} {'shards' if k in shards else 'rows'}" for k, r in (("image", image_rows),
-                                                                                       ("video", video_rows)))
-              + f", device {device} ({precision}), world {world}")
+        data = ", ".join(f"{len(d)} {k} {'shards' if k in shards else 'rows'}" for k, d in train_data.items())
+        print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {data}, device {device} "
+              f"({precision}), world {world}")
     log = open(os.path.join(cfg.out, "metrics.jsonl"), "a") if master else None
     if log:
         to_close.append(log)

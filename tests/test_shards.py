@@ -19,7 +19,6 @@ from PIL import Image
 
 import data
 import eval as ev
-import model as model_module
 import train
 from data import DataError, PairDataset, load_image, read_jsonl, swap_left_right, write_jsonl
 from demo import make_demo
@@ -302,8 +301,9 @@ def test_cut_shards_and_samples_without_caption(demo, tmp_path, capsys):
         broken = str(tmp_path / f"broken_{how}.tar")
         with open(broken, "wb") as f:
             f.write(raw[:headers[1] + 100] if how == "cut" else raw[:headers[-1] + 1024] if how == "end" else raw)
-        with open(broken, "rb") as f, pytest.raises(ShardError, match=rf"{broken}:00000000\d: the shard is cut or corrupt"):
-            list(read_samples(f, broken))
+        with open(broken, "rb") as f:
+            with pytest.raises(ShardError, match=rf"{broken}:00000000\d: the shard is cut or corrupt"):
+                list(read_samples(f, broken))
     # shard 2 loses the caption of its second sample: a .json without "caption", no .txt
     with tarfile.open(paths[2]) as tar:
         members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
