@@ -89,7 +89,7 @@ def test_brace_patterns_folders_and_lists(tmp_path):
     for bad in ("{5..2}.tar", "{x}.tar"):
         with pytest.raises(DataError, match=bad.split(".tar")[0].replace("{", r"\{").replace("}", r"\}")):
             expand_braces(bad)
-    for name in ("00001.tar", "00000.tar", "notes.md"):
+    for name in ("00001.tar", "00000.tar", "notes.pdf"):
         (tmp_path / name).write_bytes(b"")
     assert [os.path.basename(p) for p in open_shards(str(tmp_path), "image").paths] == ["00000.tar", "00001.tar"]
     listed = tmp_path / "list.txt"
