@@ -42,6 +42,11 @@ Notes (medians of the timed repeats; numbers within one list were measured in on
   7.6 / 7.6 vs 7.6 / 6.8; GOP 250 3.3 / 3.0 vs 3.2 / 3.4 (equal within the load's noise).
   startup: a 1M-line jsonl 21.3 s (read_jsonl + PairDataset), 1,000 shards 0.01 s; first batch of 32 at 288 px
   1.5 s each (the shards: a 1,000-sample buffer filled first); warm caches, load 2.6.
+- This machine kind: 2 cores of an Intel Xeon with AMX (amx_bf16, avx512_bf16), torch 2.13 CPU, 2026-12-01, idle.
+  step, the `base` configuration above, fp32 and bf16 alternating, median of 4: fp32 16.86 s/step (53.6% of
+  279.8 GFLOP/s measured), bf16 7.79 s (20.9% of 1557); peak RSS 9.7 GiB. The CPU dropout mask
+  (vision.dropout: 15 random bits per element instead of bernoulli_), bf16 rows before -> after, two
+  alternating rounds: 8.69 -> 7.95 s and 10.23 -> 8.05 s; peak RSS 8.7 -> 7.9 GiB.
 """
 import argparse
 import copy
