@@ -4,7 +4,8 @@
     python bench.py step --config base --batch 32 --size 288       # GPU: the same rows in bf16, MFU vs the data sheet
     python bench.py step --config base --roberta --device cpu --batch 4 --size 224 --precision fp32,bf16 \\
         --modes eager --media images --repeats 4                   # CPU: fp32 vs bf16 alternating, MFU vs measured peak
-    python bench.py data                                            # ONE loader worker: photos, H.264 clips
+    python bench.py data                                            # ONE loader worker: photos, clips; loose, tar
+    python bench.py startup                               # data start-up: a 1M-line jsonl vs 1,000 tar shards
     python bench.py parity --batch 32                     # GPU: bf16/compile vs CPU fp32, step time, memory
     python bench.py train --steps 100                     # GPU: train.py eager vs --compile, samples/s
 
@@ -36,6 +37,16 @@ Notes (medians of the timed repeats; numbers within one list were measured in on
   JPEG draft, the keyframe list and the contiguous normalisation: 640x480 photos -> 288 px 133 -> 151;
   2048x1536 photos -> 288 px 18 -> 64; 10 s 640x360 H.264 clips -> 4 x 224 px 10.8 -> 12.2 with a
   keyframe every 30 frames, 4.4 -> 6.6 with x264's default 250.
+  data, the same samples as loose files vs in one tar shard (shards.py, 100-sample buffer), per CPU-second, two
+  runs at load 4-5: photos 108.5 / 107.1 vs 98.5 / 119.4; large photos 42.0 / 45.5 vs 44.7 / 46.4; GOP 30 clips
+  7.6 / 7.6 vs 7.6 / 6.8; GOP 250 3.3 / 3.0 vs 3.2 / 3.4 (equal within the load's noise).
+  startup: a 1M-line jsonl 21.3 s (read_jsonl + PairDataset), 1,000 shards 0.01 s; first batch of 32 at 288 px
+  1.5 s each (the shards: a 1,000-sample buffer filled first); warm caches, load 2.6.
+- This machine kind: 2 cores of an Intel Xeon with AMX (amx_bf16, avx512_bf16), torch 2.13 CPU, 2026-12-01, idle.
+  step, the `base` configuration above, fp32 and bf16 alternating, median of 4: fp32 16.86 s/step (53.6% of
+  279.8 GFLOP/s measured), bf16 7.79 s (20.9% of 1557); peak RSS 9.7 GiB. The CPU dropout mask
+  (vision.dropout: 15 random bits per element instead of bernoulli_), bf16 rows before -> after, two
+  alternating rounds: 8.69 -> 7.95 s and 10.23 -> 8.05 s; peak RSS 8.7 -> 7.9 GiB.
 """
 import argparse
 import copy
@@ -398,8 +409,29 @@ def loader_rate(data, paths, size, frames, items, batch):
     return n / (time.perf_counter() - t0), n / (cpu - cpu0)
 
 
+def shard_rate(paths, folder, size, frames, items, batch, buffer):
+    """ONE DataLoader worker over the same `items` samples packed into one tar shard (made once in `folder`),
+    read by shards.py's training stream with its shuffle buffer -> (samples/s, per CPU-second), as loader_rate."""
+    import shards
+    kind = "video" if paths[0].endswith(".mp4") else "image"
+    if not os.path.isfile(os.path.join(folder, "00000.tar")):
+        rows = [dict(path=paths[i % len(paths)], kind=kind, captions=["x"], line=i, **{kind: paths[i % len(paths)]})
+                for i in range(items)]
+        shards.write_shards(rows, folder, per_shard=items)
+    ds = shards.ShardStream(shards.open_shards(os.path.join(folder, "00000.tar"), kind), batch, 0, 1, 1, 0, size,
+                            frames, buffer, False)
+    it = iter(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=1,
+                                          collate_fn=lambda got: pixels_only(got[0])))
+    _, cpu0 = next(it)  # after the buffer's first fill
+    t0, n = time.perf_counter(), 0
+    for _, (pixels, cpu) in zip(range(items // batch - 1), it):
+        n += len(pixels)
+    return n / (time.perf_counter() - t0), n / (cpu - cpu0)
+
+
 def cmd_data(args):
-    """One DataLoader worker, median of --runs; --against times another data.py in the same runs."""
+    """One DataLoader worker, median of --runs; --against times another data.py in the same runs; the last column
+    reads the same samples from a tar shard (shards.py)."""
     import importlib.util
 
     import data
@@ -411,21 +443,84 @@ def cmd_data(args):
         spec.loader.exec_module(versions[args.against])
     cases = [(name, paths, args.video_size if "clip" in name else args.size, args.frames if "clip" in name else 1,
               args.clips if "clip" in name else args.photos) for name, paths in media.items()]
-    rates = {(c[0], v): [] for c in cases for v in versions}
+    rates = {(c[0], v): [] for c in cases for v in [*versions, "tar shard"]}
     for _ in range(args.runs):  # versions alternate within a run: the same machine load for both
         for name, paths, size, frames, items in cases:
             for v, module in versions.items():
                 rates[name, v].append(loader_rate(module, paths, size, frames, items, args.batch))
+            folder = os.path.join(args.media_dir, f"shard_{name.replace(' ', '_')}_{items}")
+            rates[name, "tar shard"].append(shard_rate(paths, folder, size, frames, items, args.batch,
+                                                       args.shuffle_buffer))
     print(f"one DataLoader worker, train transform, median of {args.runs} runs; {os.cpu_count()} CPUs, load "
           f"average {os.getloadavg()[0]:.1f}: samples/s, and per CPU-second of the worker (its rate on a free core)")
-    print(f"{'media':<16}{'output':<14}" + "".join(f"{v[-30:]:>32}" for v in versions))
+    print(f"{'media':<16}{'output':<14}" + "".join(f"{v[-30:]:>32}" for v in [*versions, "tar shard"]))
     for name, paths, size, frames, items in cases:
         shape = f"{size} px" + (f" x {frames}" if frames > 1 else "")
         cells = []
-        for v in versions:
+        for v in [*versions, "tar shard"]:
             wall, cpu = (statistics.median(r) for r in zip(*rates[name, v]))
             cells.append(f"{wall:.1f}/s, {cpu:.1f}/CPU-s")
         print(f"{name:<16}{shape:<14}" + "".join(f"{c:>32}" for c in cells))
+
+
+def cmd_startup(args):
+    """The data's start-up in train.py: a jsonl of --lines rows (read_jsonl parses every line and stats every file;
+    then PairDataset) vs --shards tar shards of 1,000 samples (open_shards stats each shard and reads none), and the
+    first batch of each (the shards: one reader's first buffer fill). Built in --startup-dir from hard links to a few
+    copies of the bench photos (the jsonl's 1M files and 999 of the shards are links), and removed afterwards."""
+    import json
+    import shutil
+
+    import data
+    import shards
+    photos, root = bench_media(args.media_dir)["photo"], args.startup_dir
+    if os.path.exists(root):
+        raise SystemExit(f"--startup-dir {root}: exists; remove it or choose another")
+    os.makedirs(os.path.join(root, "img"))
+    print(f"{shutil.disk_usage(root).free / 2 ** 30:.0f} GiB free in {root}; building {args.lines} links and "
+          f"{args.shards} shards")
+    try:
+        # a file takes at most 65,000 links on ext4: link to copies of the photos, 20,000 each
+        sources = [os.path.join(root, f"photo{j}.jpg") for j in range(-(-args.lines // 20_000))]
+        for j, path in enumerate(sources):
+            shutil.copyfile(photos[j % len(photos)], path)
+        jsonl = os.path.join(root, "pairs.jsonl")
+        with open(jsonl, "w") as f:
+            for i in range(args.lines):
+                folder = os.path.join(root, "img", f"{i // 1000:04d}")
+                if i % 1000 == 0:
+                    os.makedirs(folder)
+                os.link(sources[i % len(sources)], os.path.join(folder, f"{i:07d}.jpg"))
+                row = {"image": f"img/{i // 1000:04d}/{i:07d}.jpg", "caption": f"photo number {i}"}
+                f.write(json.dumps(row) + "\n")
+        rows = [dict(path=photos[i % len(photos)], kind="image", captions=[f"photo number {i}"], line=i,
+                     image=photos[i % len(photos)]) for i in range(1000)]
+        one = shards.write_shards(rows, os.path.join(root, "one"), 1000).replace("{00000..00000}", "00000")
+        os.makedirs(os.path.join(root, "shards"))
+        for k in range(args.shards):
+            os.link(one, os.path.join(root, "shards", f"{k:05d}.tar"))
+        spec = os.path.join(root, "shards", f"{{00000..{args.shards - 1:05d}}}.tar")
+        times = {}
+        t0 = time.perf_counter()
+        ds = data.PairDataset(data.read_jsonl(jsonl), args.size)
+        t1 = time.perf_counter()
+        order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:args.batch].tolist()
+        [ds[i] for i in order]
+        times["jsonl"] = (t1 - t0, time.perf_counter() - t1)
+        del ds
+        t0 = time.perf_counter()
+        stream = shards.ShardStream(shards.open_shards(spec, "image"), args.batch, 0, 1, 1, 0, args.size, 1,
+                                    args.shuffle_buffer, False)
+        t1 = time.perf_counter()
+        next(stream.batches(0))
+        times["shards"] = (t1 - t0, time.perf_counter() - t1)
+    finally:
+        shutil.rmtree(root)
+    print(f"data start-up (warm caches; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}), then the first "
+          f"batch of {args.batch} at {args.size} px:")
+    for name, what in (("jsonl", f"{args.lines}-line jsonl"), ("shards", f"{args.shards} shards of 1000 (buffer "
+                                                                             f"{args.shuffle_buffer})")):
+        print(f"  {what:<36} start-up {times[name][0]:8.2f} s, first batch {times[name][1]:6.2f} s")
 
 
 # -- retrieval at COCO scale, from its parts ---------------------------------------------------------
@@ -535,7 +630,7 @@ def cmd_retrieval(a):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["step", "parity", "train", "data", "retrieval"], help="which benchmark")
+    p.add_argument("what", choices=["step", "parity", "train", "data", "startup", "retrieval"], help="which benchmark")
     p.add_argument("--config", default="tiny", help="model preset")
     p.add_argument("--roberta", action="store_true", help="step: RoBERTa-base's text sizes (vocabulary 50265)")
     p.add_argument("--batch", type=int, default=4, help="batch size")
@@ -556,6 +651,10 @@ def main(argv=None):
     p.add_argument("--clips", type=int, default=16, help="data: clips per run")
     p.add_argument("--runs", type=int, default=3, help="data: runs (the median is reported)")
     p.add_argument("--media-dir", default="runs/bench_media", help="data: where the photos and clips are made")
+    p.add_argument("--shuffle-buffer", type=int, default=100, help="data, startup: a tar shard reader's buffer")
+    p.add_argument("--lines", type=int, default=1_000_000, help="startup: jsonl lines (hard links to the photos)")
+    p.add_argument("--shards", type=int, default=1000, help="startup: tar shards of 1000 samples (hard links to one)")
+    p.add_argument("--startup-dir", default="runs/bench_startup", help="startup: a new folder, removed afterwards")
     p.add_argument("--against", help="data: another data.py (e.g. `git show HEAD:data.py > /tmp/old_data.py`) "
                                      "timed in the same runs")
     p.add_argument("--images", type=int, default=5000, help="retrieval: gallery images (COCO 5k test: 5000)")
@@ -568,9 +667,9 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.what in ("parity", "train") and not a.size:
         a.size = 224
-    if a.what == "data" and not a.size:
+    if a.what in ("data", "startup") and not a.size:
         a.size = 288
-    return {"step": cmd_step, "parity": cmd_parity, "train": cmd_train, "data": cmd_data,
+    return {"step": cmd_step, "parity": cmd_parity, "train": cmd_train, "data": cmd_data, "startup": cmd_startup,
             "retrieval": cmd_retrieval}[a.what](a)
 
 

@@ -3,13 +3,15 @@ Data for SCL: jsonl reading, image/video loading, tokenisation, MLM/SCL text mas
 and the command line of the demo set (demo.py) and the converters (convert.py) (METHOD.md §8).
 Stands alone: imports only torch, numpy, pillow, av, tokenizers and the standard library.
 
-    python data.py demo --out demo/
+    python data.py demo --out demo/ [--shards]
+    python data.py shard coco_train.jsonl --out shards/coco --per-shard 1000    # tar shards (shards.py)
     python data.py convert karpathy dataset_coco.json --split test --images COCO_ROOT --out coco_test.jsonl
     python data.py convert msrvtt MSRVTT_JSFUSION_test.csv --videos VIDEOS --out msrvtt_test.jsonl
     python data.py convert vqa questions.json --annotations annotations.json --images val2014/ --out vqa_val.jsonl
     python data.py convert nlvr2 dev.json --images NLVR2_ROOT/dev --out nlvr2_dev.jsonl
 """
 import argparse
+import glob
 import hashlib
 import itertools
 import json
@@ -483,13 +485,17 @@ class PairDataset(torch.utils.data.Dataset):
         seed = item_seed(self.seed, self.epoch, i)
         rng = random.Random(seed)
         try:
+            src = row.get("path")  # pair rows have "paths" instead
+            if "member" in row:  # a file inside a tar shard (validation from shards)
+                from shards import open_member  # a side file that imports this one
+                src = open_member(row)
             if "paths" in row:  # NLVR2: (2, 1, 3, S, S), left and right
                 pixels, flipped = self._pair(row["paths"], rng)
             elif row["kind"] == "image":
-                pixels, flipped = load_image(row["path"], self.size, self.train, rng)
+                pixels, flipped = load_image(src, self.size, self.train, rng)
                 pixels = pixels[None]  # (1, 3, S, S): an image is a one-frame clip
             else:
-                pixels, flipped = load_video(row["path"], self.size, self.frames, self.train, rng)
+                pixels, flipped = load_video(src, self.size, self.frames, self.train, rng)
         except DataError as e:
             where = f"{row.get('jsonl', '?')}:{row.get('line', r + 1)}: {e}"
             if self.skip_bad:  # the collator drops it and reports `where`
@@ -527,8 +533,9 @@ class Collator:
     Every random draw for a sample comes from a generator seeded by its own "seed", so masks
     do not depend on which samples share the batch or how many workers there are."""
 
-    def __init__(self, tokenizer, max_len=40, mlm_prob=0.15, scl_ratio=0.4):
+    def __init__(self, tokenizer, max_len=40, mlm_prob=0.15, scl_ratio=0.4, trim=0):
         self.tok, self.max_len, self.mlm_prob, self.scl_ratio = tokenizer, max_len, mlm_prob, scl_ratio
+        self.trim = trim  # > 0: cut the padding to the batch's longest text, rounded up to a multiple of this
         self.special = torch.tensor(sorted(tokenizer.special_ids))
         normal = torch.ones(tokenizer.vocab_size, dtype=torch.bool)
         normal[self.special] = False
@@ -563,6 +570,12 @@ class Collator:
             # SCL: round(ratio * n) of the n words (at least one), without replacement
             k = max(1, round(self.scl_ratio * n)) if n else 0
             scl_ids[b, pos[torch.randperm(n, generator=g)[:k]]] = self.tok.mask_id
+        if self.trim:
+            # after the masks are drawn over all max_len slots: the same masks, fewer padded columns. Padding
+            # is never attended to, so the losses are those of the full width (short captions on a CPU spend
+            # most of a 40-token text on padding); a handful of widths, not one, so --compile keeps it off
+            L = min(self.max_len, -(-int(mask.sum(1).max()) // self.trim) * self.trim)
+            ids, mask, mlm_ids, labels, scl_ids = (x[:, :L] for x in (ids, mask, mlm_ids, labels, scl_ids))
         batch = dict(pixels=torch.stack([s["pixels"] for s in kept]),  # (B, T, 3, S, S)
                      text_ids=ids, text_mask=mask, mlm_ids=mlm_ids, mlm_labels=labels, scl_ids=scl_ids,
                      index=torch.tensor([s["index"] for s in kept]), skipped=skipped)
@@ -590,6 +603,12 @@ def main(argv=None):
     d.add_argument("--n-val", type=int, default=100, help="validation images")
     d.add_argument("--n-videos", type=int, default=60, help="videos in all (80/20 train/val)")
     d.add_argument("--seed", type=int, default=0, help="random seed")
+    d.add_argument("--shards", action="store_true", help="also write each set as tar shards, in <out>/shards/<set>/")
+    d.add_argument("--per-shard", type=int, default=50, help="--shards: samples per shard")
+    t = sub.add_parser("shard", help="pack a jsonl's image/video-text pairs into tar shards (img2dataset's layout)")
+    t.add_argument("input", help="jsonl of image or video rows with captions")
+    t.add_argument("--out", required=True, help="an empty (or new) folder for 00000.tar, 00001.tar, ...")
+    t.add_argument("--per-shard", type=int, default=1000, help="samples per shard")
     c = sub.add_parser("convert", help="convert standard annotations to jsonl")
     c.add_argument("format", choices=["karpathy", "msrvtt", "vqa", "nlvr2"], help="annotation format")
     c.add_argument("input", help="karpathy: dataset_*.json; msrvtt: test csv or train id list; vqa: questions; "
@@ -605,9 +624,26 @@ def main(argv=None):
     a = p.parse_args(argv)
     from convert import convert_karpathy, convert_msrvtt, convert_nlvr2, convert_vqa  # side files that import this one
     from demo import make_demo
+    from shards import check_out_folder, write_shards
+    if getattr(a, "per_shard", 1) < 1:
+        raise SystemExit(f"--per-shard {a.per_shard}: must be at least 1")
+    if a.cmd == "shard":
+        try:
+            check_out_folder(a.out)  # before reading what may be millions of lines
+            rows = read_jsonl(a.input)
+            spec = write_shards(rows, a.out, a.per_shard)
+        except DataError as e:
+            raise SystemExit(str(e)) from None
+        print(f"wrote {len(rows)} samples in {-(-len(rows) // a.per_shard)} shards: {spec}", file=sys.stderr)
+        return spec
     if a.cmd == "demo":
         for name, path in make_demo(a.out, a.n_train, a.n_val, a.n_videos, a.seed).items():
             print(f"{name}: {path}")
+            if a.shards and not name.startswith(("vqa", "nlvr2")):  # the demo's own shards: written again each time
+                folder = os.path.join(a.out, "shards", name)
+                for old in glob.glob(os.path.join(folder, "*.tar")):
+                    os.remove(old)
+                print(f"{name} shards: {write_shards(read_jsonl(path), folder, a.per_shard)}")
         return
     try:
         rows = (convert_karpathy(a.input, a.split, a.images) if a.format == "karpathy" else

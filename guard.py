@@ -21,7 +21,7 @@ def check_flags(cfg):
         if not ok:
             raise SystemExit(f"--{flag.replace('_', '-')} {getattr(cfg, flag)}: {why}")
     for name in ("steps", "batch_size", "grad_accum", "frames", "save_every", "log_every", "max_bad_steps",
-                 "min_answer_count"):
+                 "min_answer_count", "shuffle_buffer"):
         need(getattr(cfg, name) >= 1, name, "must be at least 1")
     for name in ("video_batch_size", "workers", "eval_every", "val_k", "weight_decay", "clip_grad"):
         need(getattr(cfg, name) >= 0, name, "must be 0 or more")

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from losses import contrastive, itm_loss, mlm_loss, nlvr2_loss, sample_hard_negatives, semantic_completion, vqa_loss
-from vision import MLP, Attention, VisionTransformer, clip_to_ours, load_state, read_weights
+from vision import MLP, Attention, Dropout, VisionTransformer, clip_to_ours, load_state, read_weights
 
 
 @dataclass
@@ -94,7 +94,7 @@ class Block(nn.Module):
         self.cross = Attention(dim, heads, dropout=dropout) if cross else None
         self.ln_cross = nn.LayerNorm(dim, eps=eps) if cross else None
         self.mlp, self.ln2 = MLP(dim, ffn, nn.GELU()), nn.LayerNorm(dim, eps=eps)
-        self.drop = nn.Dropout(dropout)  # on each sublayer's output, before the residual add (BERT)
+        self.drop = Dropout(dropout)  # on each sublayer's output, before the residual add (BERT)
 
     def forward(self, x, mask=None, other=None, other_mask=None):
         """x (B, L, D), mask (B, L) bool or None; other (B, S, D), other_mask (B, S) or None."""
@@ -114,7 +114,7 @@ class TextEncoder(nn.Module):
         self.pos = nn.Embedding(c.max_positions, c.text_width)
         self.token_type = nn.Embedding(c.type_vocab_size, c.text_width)
         self.ln = nn.LayerNorm(c.text_width, eps=c.text_eps)
-        self.drop = nn.Dropout(c.dropout)
+        self.drop = Dropout(c.dropout)
         self.layers = nn.ModuleList(Block(c.text_width, c.text_heads, c.text_ffn, c.text_eps, dropout=c.dropout)
                                     for _ in range(c.text_layers))
         self.grad_checkpointing = False

@@ -30,6 +30,8 @@ from guard import (BAD_DATA, SAVE_FAILED, STOP, Agreement, check_flags, check_mo
 from model import (CONFIGS, PRECISIONS, Config, SCLModel, autocast, config_from_checkpoint, fit_modality_rows,
                    resolve_precision, text_config)
 from pictures import plot_curves
+from shards import (Positions, Shards, ShardStream, WithPosition, captions_for_vocabulary, is_shards, open_shards,
+                    scan_rows)
 
 
 TASKS = ("pretrain", "retrieval", "vqa", "nlvr2")
@@ -37,9 +39,10 @@ TASKS = ("pretrain", "retrieval", "vqa", "nlvr2")
 
 @dataclass
 class TrainConfig:
-    data: str = ""                # image-text (or VQA) jsonl; empty: the built-in demo set
-    video_data: str = ""          # video-text jsonl, mixed with the image batches
-    val_data: str = ""            # validation jsonl (images, videos or both, each at its own size); empty: the demo's
+    data: str = ""                # image-text (or VQA) jsonl, or tar shards (README "Large data"); empty: the demo set
+    video_data: str = ""          # video-text jsonl or tar shards, mixed with the image batches
+    val_data: str = ""            # validation jsonl or shards (images/videos, each at its own size); empty: the demo's
+    shuffle_buffer: int = 1000    # tar shards: samples each reader (rank x worker) holds to shuffle, as encoded bytes
     out: str = "runs/demo"        # run folder: last.pt, best.pt, metrics.jsonl, tokenizer
     overwrite: bool = False       # start afresh in an --out that holds an earlier run (its checkpoints are deleted)
     config: str = "tiny"          # model preset: tiny, small, base
@@ -218,12 +221,15 @@ def ignore_signals(worker_id):
 
 
 def loader(ds, cfg, collate, batch, rank, world, seen):
+    common = dict(num_workers=cfg.workers, pin_memory=torch.cuda.is_available(), persistent_workers=cfg.workers > 0,
+                  worker_init_fn=ignore_signals)
+    if isinstance(ds, ShardStream):  # each worker streams batches of its own shards (shards.py)
+        return iter(torch.utils.data.DataLoader(ds, batch_size=None, collate_fn=WithPosition(TrainCollator(collate)),
+                                                **common))
     stream = Stream(len(ds), batch, rank, world, cfg.seed, seen)
     # the loader's own generator keeps worker seeding off the global RNG (exact resume)
     dl = torch.utils.data.DataLoader(Epoched(ds, cfg.skip_bad), batch_sampler=stream,
-                                     collate_fn=TrainCollator(collate), num_workers=cfg.workers,
-                                     pin_memory=torch.cuda.is_available(), persistent_workers=cfg.workers > 0,
-                                     generator=torch.Generator(), worker_init_fn=ignore_signals)
+                                     collate_fn=TrainCollator(collate), generator=torch.Generator(), **common)
     return iter(dl)
 
 
@@ -289,10 +295,14 @@ def setup_distributed(cfg):
     return rank, world, torch.device("cpu")
 
 
-def read_rows(path, cfg, skipped):
+def read_rows(path, cfg, skipped, kind=None):
+    """jsonl rows; tar shards: for training (kind given) the Shards, for validation the rows scanned from them."""
     if not path:
         return []
     try:
+        if is_shards(path):
+            shards = open_shards(path, kind or "image", cfg.skip_bad, skipped)
+            return shards if kind else scan_rows(shards, cfg.skip_bad, skipped)
         return read_jsonl(path, skip_bad=cfg.skip_bad, skipped=skipped)
     except DataError as e:
         raise SystemExit(f"{e}\n(pass --skip-bad to skip and count such rows)") from None
@@ -350,10 +360,15 @@ def _main(argv, to_close):
         cfg = replace(cfg, data=demo["images_train"], video_data=demo["videos_train"],
                       val_data=cfg.val_data or demo["images_val"], video_size=cfg.video_size or 32)
     skipped = []
-    image_rows, video_rows = read_rows(cfg.data, cfg, skipped), read_rows(cfg.video_data, cfg, skipped)
+    train_data = {k: read_rows(path, cfg, skipped, k) for k, path in (("image", cfg.data), ("video", cfg.video_data))}
     val_rows = read_rows(cfg.val_data, cfg, skipped)
-    if not image_rows and not video_rows:
+    if not any(train_data.values()):
         raise SystemExit("no training data: give --data and/or --video-data")
+    shards = {k: d for k, d in train_data.items() if isinstance(d, Shards)}  # streamed (shards.py), else jsonl rows
+    if shards and cfg.task in ("vqa", "nlvr2"):
+        raise SystemExit(f"--data {cfg.data}: tar shards hold image-text pairs; {cfg.task.upper()} fine-tuning "
+                         "reads a jsonl")
+    image_rows, video_rows = ([] if k in shards else d for k, d in train_data.items())
     check_task_rows(cfg.task, {"--data": image_rows, "--video-data": video_rows, "--val-data": val_rows})
 
     # tokenizer: the checkpoint's, the pretrained text model's, or trained on the captions
@@ -363,6 +378,7 @@ def _main(argv, to_close):
         tokenizer = Tokenizer.from_pretrained(cfg.text)
     else:
         texts = [c for r in image_rows + video_rows for c in r["captions"] + [r.get("question", "")] if c]
+        texts += [c for s in shards.values() for c in captions_for_vocabulary(s)]  # their first few shards
         tokenizer = Tokenizer.train(texts, cfg.vocab_size)
 
     # answer vocabulary for VQA: train + val answers in the paper (--answer-data), else --data's
@@ -406,14 +422,17 @@ def _main(argv, to_close):
     video_size = cfg.video_size or image_size
 
     # data sets: every stream must fill one global batch
-    collate = Collator(tokenizer, cfg.max_text_len)
+    collate = Collator(tokenizer, cfg.max_text_len, trim=0 if cfg.compile else 8)  # compiled blocks: one width
     if cfg.task == "vqa":
         collate = VQACollator(collate, answers)
     sets = {}
     for kind, rows, size, batch, flag in (("image", image_rows, image_size, cfg.batch_size, "batch-size"),
                                           ("video", video_rows, video_size, cfg.video_batch_size or cfg.batch_size,
                                            "video-batch-size" if cfg.video_batch_size else "batch-size")):
-        if rows:
+        if kind in shards:  # endless streams: any batch fills; on resume each reader continues where it was
+            sets[kind] = (ShardStream(shards[kind], batch, rank, world, cfg.workers, cfg.seed, size, cfg.frames,
+                                      cfg.shuffle_buffer, cfg.skip_bad, ckpt if cfg.resume else None), batch)
+        elif rows:
             ds = PairDataset(rows, image_size=size, frames=cfg.frames, train=True, seed=cfg.seed,
                              skip_bad=cfg.skip_bad)
             if len(ds) < batch * world:
@@ -464,8 +483,9 @@ def _main(argv, to_close):
         raise SystemExit(refused or "rank 0 could not take the run folder (see its message); stopping")
     if master:
         tokenizer.save(cfg.out)  # beside the checkpoints (which carry it too), for use outside this code
-        print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
-              f"{len(image_rows)} image rows, {len(video_rows)} video rows, device {device} ({precision}), world {world}")
+        data = ", ".join(f"{len(d)} {k} {'shards' if k in shards else 'rows'}" for k, d in train_data.items())
+        print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {data}, device {device} "
+              f"({precision}), world {world}")
     log = open(os.path.join(cfg.out, "metrics.jsonl"), "a") if master else None
     if log:
         to_close.append(log)
@@ -477,6 +497,7 @@ def _main(argv, to_close):
 
     # loaders: each modality keeps its own resolution and frame count
     streams = {kind: loader(ds, cfg, collate, batch, rank, world, seen[kind]) for kind, (ds, batch) in sets.items()}
+    where = Positions({k: sets[k][0] for k in shards})  # shards: each reader's position after the batches trained on
     ratio = cfg.video_ratio if len(streams) == 2 else float("video" in streams)
 
     if world > 1:
@@ -538,15 +559,15 @@ def _main(argv, to_close):
             return next(iter(results.values()))
         return dict(results, score=sum(r["score"] for r in results.values()) / len(results))
 
-    def checkpoint(path, val=None):
-        """rank 0 writes; -> None, or the reason the write failed (the previous file is intact)."""
+    def checkpoint(path, val=None, at=None):
+        """rank 0 writes; -> None, or the reason the write failed (the previous file is intact). at: in the shards."""
         if not master:
             return None
         try:
             save_checkpoint(path, dict(
                 model=raw_model.state_dict(), optimizer=opt.state_dict(), step=step, seen=dict(seen), best=best,
                 before=before, config=asdict(config), train_config=asdict(cfg), tokenizer=tokenizer.to_str(),
-                answers=answers, val=val))
+                answers=answers, val=val, shards=at))
         except SystemExit as e:
             return str(e.code)
         return None
@@ -583,15 +604,16 @@ def _main(argv, to_close):
         factor = lr_factor(step, cfg)
         for g in opt.param_groups:
             g["lr"] = cfg.lr * g["lr_mult"] * factor
-        seen_before = dict(seen)
+        seen_before, where_before = dict(seen), where.copy()
         for k in range(cfg.grad_accum):
             kind = "video" if is_video_step(micro, ratio) else "image"
             batch = next(streams[kind])
             seen[kind] += 1
+            where.keep(kind, batch)
             error = batch.get("error")
             if agree(BAD_DATA if error else 0) & BAD_DATA:  # all ranks stop together, at the last step's state
                 seen.update(seen_before)
-                failed = checkpoint(last)
+                failed = checkpoint(last, at=where_before.gathered(agree.gather))
                 raise SystemExit(f"bad sample: {error}\n(pass --skip-bad to skip and count such samples)" if error
                                  else "another rank met a bad sample (see its message); stopping"
                                  + (f"; {failed}" if failed else ""))
@@ -646,21 +668,23 @@ def _main(argv, to_close):
         failed = None
         if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
             failed = validate_and_keep_best()[1]
-        if step % cfg.save_every == 0 and not failed:
-            failed = checkpoint(last)
+        if step % cfg.save_every == 0:
+            at = where.gathered(agree.gather)  # every rank (a collective), even where rank 0's best.pt failed
+            failed = failed or checkpoint(last, at=at)
         # one agreement per step: a stop request or a failed save on any rank stops every rank
         code = agree((STOP if stop["signal"] is not None else 0) | (SAVE_FAILED if failed else 0))
         settle(code, failed)
     bar.close()
 
     if code & STOP:
-        failed = checkpoint(last)
+        failed = checkpoint(last, at=where.gathered(agree.gather))
         settle(agree(SAVE_FAILED if failed else 0), failed)
         if master:
             print(f"stopped by signal {stop['signal'] or 'on another rank'} at step {step}; checkpoint saved to {last}")
     else:
         after, failed = validate_and_keep_best()
-        failed = failed or checkpoint(last, after)
+        at = where.gathered(agree.gather)
+        failed = failed or checkpoint(last, after, at)
         settle(agree(SAVE_FAILED if failed else 0), failed)
         if master and after:
             print(f"validation before training: {fmt(before)}\nvalidation after training:  {fmt(after)}")

@@ -16,6 +16,32 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 
+def dropout(x, p):
+    """Inverted dropout (zero with probability p, scale the rest by 1 / (1 - p)), training only.
+
+    On the CPU the mask comes from 15 random bits per element (two per int32 draw), compared with
+    round(p * 2^15): p is exact to 1/32768 (0.1 -> 0.100006). That costs about 4.7 ns per element on
+    2 cores against 9-13 for `bernoulli_`, which F.dropout and SDPA's math path use and which took a
+    fifth of a `base` bf16 CPU step (bench.py step). GPUs and compiled graphs keep F.dropout.
+    """
+    if x.device.type != "cpu" or torch.compiler.is_compiling():
+        return F.dropout(x, p, training=True)
+    bits = torch.empty((x.numel() + 1) // 2, dtype=torch.int32).random_()  # [0, 2^31): 16 + 15 random bits
+    keep = (bits.view(torch.int16)[: x.numel()].view(x.shape) & 0x7FFF) >= round(p * 32768)
+    return x * keep * (1.0 / (1.0 - p))
+
+
+class Dropout(nn.Module):
+    """nn.Dropout with the faster CPU mask of `dropout`."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        return dropout(x, self.p) if self.training and self.p > 0 else x
+
+
 class Attention(nn.Module):
     """Multi-head attention through F.scaled_dot_product_attention; self or cross.
 
@@ -43,7 +69,14 @@ class Attention(nn.Module):
         q, k, v = self.split(self.q(x)), self.split(self.k(context)), self.split(self.v(context))
         mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, S)
         p = self.dropout if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, nh, L, hs)
+        if p > 0 and q.device.type == "cpu" and not torch.compiler.is_compiling():
+            # The CPU's fused SDPA kernel has no dropout, so SDPA would fall back to its math path and
+            # its bernoulli_ masks: the same computation, written out, with the faster mask.
+            scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+            scores = scores if mask is None else scores.masked_fill(~mask, float("-inf"))
+            out = dropout(scores.softmax(-1), p) @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, nh, L, hs)
         if frames > 1:
             out = torch.cat([self.cls_over_clip(q, k, v, frames), out[:, :, 1:]], dim=2)
         BT, nh, L, hs = out.shape

@@ -1,5 +1,6 @@
 """Tests for data.py. References are computed independently (PIL/numpy by hand, transformers'
 tokenizer, pixel colours that encode frame numbers), never copied from the code under test."""
+import dataclasses
 import importlib.util
 import json
 import os
@@ -364,6 +365,32 @@ def test_collator_deterministic_and_independent(minilm):
     other = dict(x, seed=x["seed"] + 1)
     assert not torch.equal(coll([other])["scl_ids"], alone["scl_ids"]) or \
         not torch.equal(coll([other])["mlm_ids"], alone["mlm_ids"])
+
+def test_collator_trim_keeps_masks_and_losses(minilm):
+    """Cutting the padding changes no mask and no loss: padded columns are never attended to."""
+    from model import CONFIGS, SCLModel
+    tok = Tokenizer.from_pretrained(minilm)
+    samples = fake_samples(5, seed0=4, words=6) + fake_samples(3, seed0=5, words=11)
+    full, cut = Collator(tok, max_len=40)(samples), Collator(tok, max_len=40, trim=8)(samples)
+    longest = int(full["text_mask"].sum(1).max())
+    L = cut["text_ids"].shape[1]
+    assert L % 8 == 0 and longest <= L < longest + 8 and L < 40
+    for k in ("text_ids", "text_mask", "mlm_ids", "mlm_labels", "scl_ids"):
+        assert torch.equal(cut[k], full[k][:, :L]), k
+        assert not full["text_mask"][:, L:].any() and (full["mlm_labels"][:, L:] == -100).all()
+    assert Collator(tok, max_len=12, trim=8)(samples)["text_ids"].shape[1] == 12  # never past max_len
+    cfg = dataclasses.replace(CONFIGS["tiny"], vocab_size=tok.vocab_size, image_size=16, patch_size=8)
+    torch.manual_seed(0)
+    model = SCLModel(cfg)
+    pixels = torch.randn(8, 1, 3, 16, 16)
+    losses = []
+    for b in (full, cut):
+        torch.manual_seed(1)  # the same patch masks and hard negatives
+        with torch.no_grad():
+            losses.append(model(dict(b, pixels=pixels)))
+    for k in ("itc", "itm", "mlm", "mvsc", "mlsc"):
+        assert losses[0][k] > 0 and torch.allclose(losses[0][k], losses[1][k], rtol=1e-4, atol=1e-5), k
+
 
 # -----------------------------------------------------------------------------
 # dataset: flips, seeds, VQA

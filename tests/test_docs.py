@@ -22,7 +22,9 @@ FILE_REF = re.compile(r"(?<![\w./\\-])((?:[\w.-]+/)*[\w-]+\.(?:py|md)|requiremen
 # names that look like repository files but are not
 NOT_OURS = {
     "vqaEval.py": "the official VQA v2 evaluation script",
+    "metrics.py": "the official NLVR2 evaluation script (its repository's nlvr2/eval folder)",
     "ddp_run.py": "written by tests/test_train.py into its temporary folder",
+    "recording.py": "written by tests/test_shards.py into its temporary folder",
 }
 SECTION = re.compile(r"§\s?(\d+(?:\.\d+)*)")
 WRONG_FORM = re.compile(r"\bMETHOD(?:\.md)?,?\s+(?:[Ss]ection|[Ss]ec\.?)\s*\d|\bMETHOD\s+§\s?\d")

@@ -729,21 +729,76 @@ def test_image_ids_from_the_dataset_reach_itc_and_itm(tmp_path, monkeypatch):
 # Dropout (BERT/METER): text encoder and fusion layers, training only; none in the ViT
 
 def sdpa_dropouts(monkeypatch):
-    """Record the dropout_p of every F.scaled_dot_product_attention call."""
-    seen, real = [], F.scaled_dot_product_attention
+    """Record the attention-probability dropout of every attention call: the dropout_p of each
+    F.scaled_dot_product_attention call, and the p of each written-out CPU attention (its `dropout`
+    call on the 4-D probabilities)."""
+    seen, real, real_drop = [], F.scaled_dot_product_attention, vision_module.dropout
 
     def spy(*args, dropout_p=0.0, **kw):
         seen.append(dropout_p)
         return real(*args, dropout_p=dropout_p, **kw)
+
+    def drop_spy(x, p):
+        if x.dim() == 4:                                 # (B, nh, L, S) probabilities, not a block output
+            seen.append(p)
+        return real_drop(x, p)
     monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    monkeypatch.setattr(vision_module, "dropout", drop_spy)
     return seen
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_cpu_dropout_mask_is_bernoulli(p):
+    """vision.dropout's mask against the Bernoulli(1 - p) it stands for: keep rate on both int16 lanes
+    of each random draw, independence of neighbours, the 1 / (1 - p) scale, its gradient, the seed."""
+    n = 2_000_001                                        # odd: the last draw is half used
+    x = torch.ones(n, requires_grad=True)
+    torch.manual_seed(3)
+    out = vision_module.dropout(x, p)
+    kept = out != 0
+    tol = 7 * math.sqrt(p * (1 - p) / (n // 2))          # 7 sigma of a rate over n / 2 samples
+    for lane in (kept[0::2], kept[1::2]):
+        assert abs(lane.float().mean().item() - (1 - p)) < tol
+    both = (kept[0:-1:2] & kept[1::2]).float().mean().item()
+    assert abs(both - (1 - p) ** 2) < tol               # the two lanes of one draw are independent
+    assert torch.equal(out[kept], torch.full_like(out[kept], 1 / (1 - p)))
+    out.sum().backward()
+    assert torch.equal(x.grad, out.detach())            # d out / d x = mask / (1 - p)
+    torch.manual_seed(3)
+    assert torch.equal(vision_module.dropout(x.detach(), p), out.detach())
+    assert not torch.equal(vision_module.dropout(x.detach(), p), out.detach())
+    y = torch.ones(64, 9, dtype=torch.bfloat16)
+    assert vision_module.dropout(y, p).dtype == torch.bfloat16 and vision_module.dropout(y, p).shape == y.shape
+
+
+def test_cpu_attention_dropout_is_the_naive_formula(monkeypatch):
+    """Training attention on the CPU (written out, so its dropout mask is vision.dropout's) against
+    softmax(q k^T / sqrt(d) + key mask) * M / (1 - p) @ v with a known mask M, and, with M = 1,
+    against the eval module through F.scaled_dot_product_attention."""
+    torch.manual_seed(4)
+    p, B, L, S, D, nh = 0.25, 2, 5, 7, 32, 4
+    attn = Attention(D, nh, dropout=p).train()
+    x, ctx = torch.randn(B, L, D), torch.randn(B, S, D)
+    key_mask = torch.ones(B, S, dtype=torch.bool)
+    key_mask[1, 4:] = False
+    M = (torch.rand(B, nh, L, S, generator=torch.Generator().manual_seed(5)) > p).float()
+    monkeypatch.setattr(vision_module, "dropout", lambda t, q: t * M / (1 - q))
+    got = attn(x, context=ctx, key_mask=key_mask)
+    heads = lambda t: t.view(B, -1, nh, D // nh).transpose(1, 2)  # noqa: E731
+    q, k, v = heads(attn.q(x)), heads(attn.k(ctx)), heads(attn.v(ctx))
+    scores = q @ k.transpose(-2, -1) / math.sqrt(D // nh) + torch.where(key_mask, 0.0, -math.inf)[:, None, None]
+    naive = (scores.softmax(-1) * M / (1 - p)) @ v
+    torch.testing.assert_close(got, attn.proj(naive.transpose(1, 2).reshape(B, L, D)))
+    monkeypatch.setattr(vision_module, "dropout", lambda t, q: t)
+    torch.testing.assert_close(attn(x, context=ctx, key_mask=key_mask),
+                               attn.eval()(x, context=ctx, key_mask=key_mask), rtol=1e-5, atol=1e-6)
 
 
 def test_dropout_sits_where_bert_puts_it(monkeypatch):
     DROP = dataclasses.replace(TINY, dropout=0.1)
     torch.manual_seed(19)
     model = SCLModel(DROP).train()
-    drops = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Dropout)}
+    drops = {n for n, m in model.named_modules() if isinstance(m, vision_module.Dropout)}
     blocks = [f"text.layers.{i}" for i in range(DROP.text_layers)] + \
         [f"{s}_fusion.{i}" for s in ("text", "vision") for i in range(DROP.fusion_layers)]
     assert drops == {"text.drop"} | {b + ".drop" for b in blocks}   # nothing in the ViT or the heads
