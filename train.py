@@ -329,14 +329,7 @@ def _main(argv, to_close):
     precision = resolve_precision(cfg.precision, device)
     master = rank == 0
     agree = Agreement(world)
-    busy = None  # rank 0 alone looks at the lock: on another rank it could already be rank 0's own
-    if master:
-        try:
-            check_unlocked(cfg.out)
-        except SystemExit as e:
-            busy = str(e.code)
-    if agree(STOP if busy else 0):
-        raise SystemExit(busy or "rank 0 found the run folder in use (see its message); stopping")
+    check_unlocked(cfg.out, master, agree)
 
     # the checkpoint to resume or start from; on resume the run's own settings come back
     last = os.path.join(cfg.out, "last.pt")

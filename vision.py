@@ -54,8 +54,8 @@ def attend(q, k, v, mask=None, p=0.0):
     fused CPU kernel and its math fallback draws bernoulli_ masks; and in bf16, where the fused CPU
     kernel's backward took 2-10x the written-out forward+backward at every shape of `tiny` and `base`
     (e.g. (20, 12, 197, 197): 163 vs 58 ms; (160, 2, 65, 16): 49 vs 8.5 ms). Written out, the scores
-    are kept for the backward (5 bytes each), so calls above WRITTEN_OUT_MAX scores (a `base` video in
-    the fusion: 20 x 12 x 788^2) stay fused. The softmax of bf16 scores accumulates in fp32.
+    are kept for the backward (up to 5 bytes each: probabilities, dropout mask, dropped probabilities),
+    so calls above WRITTEN_OUT_MAX scores (a `base` video in the fusion: 20 x 12 x 788^2) stay fused. The softmax of bf16 scores accumulates in fp32.
     """
     small = q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] <= WRITTEN_OUT_MAX
     if q.device.type != "cpu" or torch.compiler.is_compiling() or not small \
