@@ -1,7 +1,7 @@
 """Does SCL help at the demo's scale? Pre-train the demo with every loss, without SCL (--w-scl 0) and
 without MLM (--w-mlm 0), on several seeds; evaluate every run the same way; print mean +- std per setting.
 
-    python ablation.py --seeds 0 1 2 --out runs/ablation     # 9 runs, about 7 minutes each on 2 CPU cores
+    python ablation.py --seeds 0 1 2 --out runs/ablation     # 9 runs, about 3-4 minutes each on one CPU core
 
 Each run is train.py and eval.py called as a user calls them (every command is printed before it runs):
 pre-training, retrieval on the validation images (ITC, and ITM re-ranking of the top 16) and clips (top 8),

@@ -166,17 +166,19 @@ def _holder(lock_path):
         return "?"
 
 
-def check_unlocked(out):
-    """Refuse early (before reading anything of the folder) when another run holds it."""
-    path = os.path.join(out, ".lock")
-    if not os.path.isfile(path):
-        return
-    with open(path) as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise SystemExit(f"another run (pid {_holder(path)}) is using {out}: wait for it or choose "
-                             f"another --out") from None
+def check_unlocked(out, master, agree):
+    """Refuse early (before reading anything of the folder) when another run holds it. Rank 0 alone
+    looks: on another rank the lock could already be rank 0's own, taken by claim_run_folder. Every
+    rank stops with it."""
+    busy, path = None, os.path.join(out, ".lock")
+    if master and os.path.isfile(path):
+        with open(path) as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                busy = f"another run (pid {_holder(path)}) is using {out}: wait for it or choose another --out"
+    if agree(STOP if busy else 0):
+        raise SystemExit(busy or "rank 0 found the run folder in use (see its message); stopping")
 
 
 def claim_run_folder(cfg, ckpt_step):

@@ -329,7 +329,7 @@ def _main(argv, to_close):
     precision = resolve_precision(cfg.precision, device)
     master = rank == 0
     agree = Agreement(world)
-    check_unlocked(cfg.out)
+    check_unlocked(cfg.out, master, agree)
 
     # the checkpoint to resume or start from; on resume the run's own settings come back
     last = os.path.join(cfg.out, "last.pt")

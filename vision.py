@@ -42,8 +42,33 @@ class Dropout(nn.Module):
         return dropout(x, self.p) if self.training and self.p > 0 else x
 
 
+WRITTEN_OUT_MAX = 2 ** 24  # scores per call (B * nh * L * S) up to which the CPU path may write attention out
+
+
+def attend(q, k, v, mask=None, p=0.0):
+    """softmax(q k^T / sqrt(d) + mask) v, dropout p on the probabilities. q (B, nh, L, d), k and v
+    (B, nh, S, d), mask broadcastable to (B, nh, L, S), bool, True = attend.
+
+    F.scaled_dot_product_attention on GPUs and in compiled graphs. On the CPU it is written out in two
+    cases, measured with torch 2.13 on 2 cores of an Intel Xeon (AMX): with dropout, where SDPA has no
+    fused CPU kernel and its math fallback draws bernoulli_ masks; and in bf16, where the fused CPU
+    kernel's backward took 2-10x the written-out forward+backward at every shape of `tiny` and `base`
+    (e.g. (20, 12, 197, 197): 163 vs 58 ms; (160, 2, 65, 16): 49 vs 8.5 ms). Written out, the scores
+    are kept for the backward (up to 5 bytes each: probabilities, dropout mask, dropped probabilities),
+    so calls above WRITTEN_OUT_MAX scores (a `base` video in the fusion: 20 x 12 x 788^2) stay fused. The softmax of bf16 scores accumulates in fp32.
+    """
+    small = q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] <= WRITTEN_OUT_MAX
+    if q.device.type != "cpu" or torch.compiler.is_compiling() or not small \
+            or (p == 0 and q.dtype != torch.bfloat16):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+    scores = scores if mask is None else scores.masked_fill(~mask, float("-inf"))
+    probs = scores.softmax(-1)
+    return (dropout(probs, p) if p > 0 else probs) @ v
+
+
 class Attention(nn.Module):
-    """Multi-head attention through F.scaled_dot_product_attention; self or cross.
+    """Multi-head attention (`attend`: F.scaled_dot_product_attention where it is fastest); self or cross.
 
     `frames > 1` switches on the flexible video attention: x is (B*T, 1+N, D), the T frames of each
     clip stacked; patch rows attend within their frame, CLS rows attend to every token of the clip.
@@ -68,15 +93,7 @@ class Attention(nn.Module):
         context = x if context is None else context
         q, k, v = self.split(self.q(x)), self.split(self.k(context)), self.split(self.v(context))
         mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, S)
-        p = self.dropout if self.training else 0.0
-        if p > 0 and q.device.type == "cpu" and not torch.compiler.is_compiling():
-            # The CPU's fused SDPA kernel has no dropout, so SDPA would fall back to its math path and
-            # its bernoulli_ masks: the same computation, written out, with the faster mask.
-            scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
-            scores = scores if mask is None else scores.masked_fill(~mask, float("-inf"))
-            out = dropout(scores.softmax(-1), p) @ v
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, nh, L, hs)
+        out = attend(q, k, v, mask, self.dropout if self.training else 0.0)  # (B, nh, L, hs)
         if frames > 1:
             out = torch.cat([self.cls_over_clip(q, k, v, frames), out[:, :, 1:]], dim=2)
         BT, nh, L, hs = out.shape
@@ -94,7 +111,7 @@ class Attention(nn.Module):
         q_cls = q[:, :, 0].view(B, T, nh, hs).transpose(1, 2)                    # (B, nh, T, hs)
         k_all = k.view(B, T, nh, L, hs).transpose(1, 2).reshape(B, nh, T * L, hs)  # (B, nh, T*(1+N), hs)
         v_all = v.view(B, T, nh, L, hs).transpose(1, 2).reshape(B, nh, T * L, hs)
-        out = F.scaled_dot_product_attention(q_cls, k_all, v_all)               # (B, nh, T, hs)
+        out = attend(q_cls, k_all, v_all)                                        # (B, nh, T, hs)
         return out.transpose(1, 2).reshape(BT, nh, 1, hs)
 
 

@@ -747,6 +747,33 @@ def sdpa_dropouts(monkeypatch):
     return seen
 
 
+def test_cpu_bf16_attention_matches_fp32_sdpa(monkeypatch):
+    """The written-out bf16 CPU attention (vision.attend) against fp32 F.scaled_dot_product_attention
+    on the same inputs: outputs and all three gradients, with a key mask, within bf16's rounding."""
+    torch.manual_seed(6)
+    q, k, v = (torch.randn(3, 2, L, 16) for L in (5, 9, 9))
+    mask = torch.ones(3, 1, 1, 9, dtype=torch.bool)
+    mask[0, ..., 6:] = mask[2, ..., 1:3] = False
+    ref_in = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = F.scaled_dot_product_attention(*ref_in, attn_mask=mask)
+    bf_in = [t.bfloat16().requires_grad_() for t in (q, k, v)]
+    got = vision_module.attend(*bf_in, mask)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), ref, rtol=2e-2, atol=2e-2)
+    w = torch.randn_like(ref)
+    (ref * w).sum().backward()
+    (got.float() * w).sum().backward()
+    for b, r in zip(bf_in, ref_in):
+        torch.testing.assert_close(b.grad.float(), r.grad, rtol=3e-2, atol=3e-2)
+    assert torch.all(bf_in[1].grad[0, :, 6:] == 0)       # masked keys get no gradient
+    seen = sdpa_dropouts(monkeypatch)                    # above WRITTEN_OUT_MAX scores: fused SDPA
+    vision_module.attend(*bf_in, mask)
+    assert seen == []
+    monkeypatch.setattr(vision_module, "WRITTEN_OUT_MAX", 3 * 2 * 5 * 9 - 1)
+    torch.testing.assert_close(vision_module.attend(*bf_in, mask).float(), ref, rtol=2e-2, atol=2e-2)
+    assert seen == [0.0]
+
+
 @pytest.mark.parametrize("p", [0.1, 0.5])
 def test_cpu_dropout_mask_is_bernoulli(p):
     """vision.dropout's mask against the Bernoulli(1 - p) it stands for: keep rate on both int16 lanes
