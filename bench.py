@@ -120,7 +120,7 @@ def fixed_draws():
         return real_tube(x, ratio, noise)
     vision.tube_mask = tube_mask
 
-    def negatives(sim):
+    def negatives(sim, *rest):
         B = sim.shape[0]
         idx = (torch.arange(B, device=sim.device) + 1) % B
         return idx, (idx + 1) % B if B > 2 else idx

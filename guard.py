@@ -34,6 +34,8 @@ def check_flags(cfg):
         need(getattr(cfg, name) >= 0 or getattr(cfg, name) == -1, name, "must be 0 or more (-1: the task's)")
     need(cfg.image_mask_ratio == -1 or 0 <= cfg.image_mask_ratio < 1, "image_mask_ratio",
          "is the fraction of patches dropped, in [0, 1) (-1: the model's)")
+    need(cfg.itm_random == -1 or 0 <= cfg.itm_random <= 1, "itm_random",
+         "is the share of random ITM negatives, in [0, 1] (-1: the model's)")
     need(cfg.dropout == -1 or 0 <= cfg.dropout < 1, "dropout", "is a probability in [0, 1) (-1: the model's)")
     need(cfg.max_text_len >= 3, "max_text_len", "needs room for [CLS], one word and [SEP] (at least 3)")
     need(cfg.vocab_size >= 16, "vocab_size", "must be at least 16")

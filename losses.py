@@ -82,13 +82,16 @@ def semantic_completion(pred, target, temperature=0.03):
     return info_nce(pred, target, 1.0 / temperature, gather(pred), gather(target, grad=False), world()[0])
 
 
-def sample_hard_negatives(sim, ids=None):
+def sample_hard_negatives(sim, ids=None, random=0.0):
     """Draw one hard negative per row and per column of a (B, B) similarity matrix.
 
     Row i of sim scores image i against every text; the negative text for image i is drawn from
     softmax(sim[i]) with the positive (the diagonal) removed, and likewise the negative image for
     text j from softmax(sim[:, j]) (ALBEF/BLIP hard negatives). Both draws are ONE batched
     torch.multinomial call: no Python loop over the batch, no host sync. Needs B >= 2.
+
+    random: the share of draws made uniformly over the allowed pairs instead, i.e. each row samples
+    from (1 - random) * softmax + random * uniform (random = 1 is the release's random negatives).
 
     ids (B,): the image of each pair. With them every pair of the same image is removed too (another
     caption of image i is no negative for it; ALBEF's retrieval fine-tuning masks them the same way).
@@ -102,7 +105,11 @@ def sample_hard_negatives(sim, ids=None):
     if ids is not None:
         same = ids[:, None] == ids[None]                              # (B, B), symmetric
         exclude = torch.where(same.all(dim=1, keepdim=True), exclude, same)  # on the device: no sync
-    probs = logits.masked_fill(exclude.repeat(2, 1), float("-inf")).softmax(dim=-1)  # (2B, B), 0 on positives
+    exclude = exclude.repeat(2, 1)                                    # (2B, B)
+    probs = logits.masked_fill(exclude, float("-inf")).softmax(dim=-1)  # (2B, B), 0 on positives
+    if random:
+        allowed = (~exclude).to(probs.dtype)
+        probs = (1 - random) * probs + random * allowed / allowed.sum(dim=-1, keepdim=True)
     idx = torch.multinomial(probs, 1).squeeze(1)                      # (2B,)
     return idx[:B], idx[B:]
 

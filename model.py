@@ -61,6 +61,10 @@ class Config:
     w_mlm: float = 1.0
     w_scl: float = 1.0              # MVSC + MLSC
     image_mask_ratio: float = 0.8   # MVSC drops this fraction of patches (tube masking)
+    # ITM negatives: this share drawn uniformly, the rest hard (from the ITC similarity; ALBEF draws all
+    # hard, the release all at random). Hard negatives alone give an encoder trained from zero nothing to
+    # learn from: early on every hard pair is a near-twin, and the ITM head sits at its 1-in-3 prior.
+    itm_random: float = 0.5
     scl_temperature: float = 0.03
     itc_temperature: float = 0.07   # initial value; learned, logit scale clamped at 100
 
@@ -340,7 +344,7 @@ class SCLModel(nn.Module):
         pairs = {}                                                               # name -> (texts, masks, clips)
         if c.w_itm and B >= 2:  # a hard negative needs another pair in the batch
             with torch.no_grad():
-                neg_t, neg_v = sample_hard_negatives(scale * img @ txt.t(), image_ids)  # (B,), (B,)
+                neg_t, neg_v = sample_hard_negatives(scale * img @ txt.t(), image_ids, c.itm_random)  # (B,), (B,)
             # positives, (image i, its hard negative text), (hard negative image, text j)
             pairs["itm"] = (torch.cat([t, t[neg_t], t]), torch.cat([mask, mask[neg_t], mask]),  # (3B, L, H)
                             torch.cat([v, v, v[neg_v]]))                                   # (3B, T, 1+N, H)
@@ -459,8 +463,9 @@ def fit_modality_rows(state, rows):
 
 def config_from_checkpoint(saved):
     """asdict(Config) as saved in a checkpoint -> Config. A field added since the save takes the value the
-    run had, not today's default: checkpoints from before dropout existed were trained without it."""
-    return Config(**{"dropout": 0.0, **saved})
+    run had, not today's default: checkpoints from before dropout existed were trained without it, and
+    those from before itm_random with hard ITM negatives only."""
+    return Config(**{"dropout": 0.0, "itm_random": 0.0, **saved})
 
 
 # -- precision ----------------------------------------------------------------------------------------

@@ -67,6 +67,7 @@ class TrainConfig:
     w_mlm: float = -1.0           # MLM loss weight; -1 keeps the task's (1 in pre-training)
     w_scl: float = -1.0           # SCL (MVSC + MLSC) loss weight; -1 keeps the task's (1 in pre-training)
     image_mask_ratio: float = -1.0  # MVSC patch drop ratio; -1 keeps the model config's (0.8)
+    itm_random: float = -1.0      # share of ITM negatives drawn at random, the rest hard; -1: the model config's (0.5)
     dropout: float = -1.0         # text encoder and fusion dropout; -1 keeps the model config's (0.1; tiny 0)
     image_size: int = 0           # training/eval image size; 0: the model's pretraining grid (paper: 288)
     video_size: int = 0           # 0: image_size (paper: 224)
@@ -401,7 +402,7 @@ def _main(argv, to_close):
     elif ckpt is not None:
         config = replace(config_from_checkpoint(ckpt["config"]), w_itc=defaults.w_itc, w_itm=defaults.w_itm,
                          w_mlm=defaults.w_mlm, w_scl=defaults.w_scl, image_mask_ratio=defaults.image_mask_ratio,
-                         n_answers=0, nlvr2=False)
+                         itm_random=defaults.itm_random, n_answers=0, nlvr2=False)
     elif cfg.text:
         config = CONFIGS[cfg.config]
     else:  # text encoder trained from scratch (CLIP weights or none): its vocabulary is the tokenizer's
@@ -412,7 +413,7 @@ def _main(argv, to_close):
         config = replace(config, n_answers=len(answers))
     if cfg.task == "nlvr2":
         config = replace(config, nlvr2=True)
-    weights = {k: getattr(cfg, k) for k in ("w_itc", "w_itm", "w_mlm", "w_scl", "image_mask_ratio", "dropout")
+    weights = {k: getattr(cfg, k) for k in ("w_itc", "w_itm", "w_mlm", "w_scl", "image_mask_ratio", "itm_random", "dropout")
                if getattr(cfg, k) >= 0}
     config = replace(config, **weights)
     if cfg.text and ckpt is None:  # the text sizes come from the folder's config.json

@@ -175,7 +175,9 @@ def test_hard_negatives_never_the_positive(B):
             assert neg_t.tolist() == [1, 0] and neg_v.tolist() == [1, 0]
 
 
-def test_hard_negative_frequencies_follow_softmax_without_positive():
+@pytest.mark.parametrize("random", [0.0, 0.5, 1.0])
+def test_hard_negative_frequencies_follow_softmax_without_positive(random):
+    """P(j | i) = (1 - random) exp(s_ij) / sum_{k != i} exp(s_ik) + random / (B - 1), j != i."""
     B, n = 4, 4000
     sim = torch.tensor([[5.0, 1.0, 0.0, 2.0],
                         [0.5, 4.0, -1.0, 1.5],
@@ -184,7 +186,7 @@ def test_hard_negative_frequencies_follow_softmax_without_positive():
     torch.manual_seed(9)
     text_counts, image_counts = torch.zeros(B, B), torch.zeros(B, B)
     for _ in range(n):
-        neg_t, neg_v = sample_hard_negatives(sim)
+        neg_t, neg_v = sample_hard_negatives(sim, random=random)
         text_counts[torch.arange(B), neg_t] += 1     # row i: which text was drawn for image i
         image_counts[torch.arange(B), neg_v] += 1    # row j: which image was drawn for text j
     chi2, dof = 0.0, 0
@@ -193,7 +195,7 @@ def test_hard_negative_frequencies_follow_softmax_without_positive():
             others = [j for j in range(B) if j != i]
             z = sum(math.exp(float(scores[i, j])) for j in others)
             for j in others:
-                expect = n * math.exp(float(scores[i, j])) / z
+                expect = n * ((1 - random) * math.exp(float(scores[i, j])) / z + random / len(others))
                 chi2 += (float(counts[i, j]) - expect) ** 2 / expect
                 assert abs(float(counts[i, j]) / n - expect / n) < 0.03
             dof += len(others) - 1
@@ -261,6 +263,8 @@ def test_hard_negatives_never_the_same_image(B):
         neg_t, neg_v = sample_hard_negatives(sim, ids)
         assert not same[torch.arange(B), neg_t].any() and not same[torch.arange(B), neg_v].any()
         counts[torch.arange(B), neg_t] += 1
+        neg_t, neg_v = sample_hard_negatives(sim, ids, random=1.0)    # random negatives: also never the image
+        assert not same[torch.arange(B), neg_t].any() and not same[torch.arange(B), neg_v].any()
     if B == 7:  # the draws still follow the similarities among the other images
         for i in range(B):
             allowed = [j for j in range(B) if not same[i, j]]

@@ -795,6 +795,23 @@ def sdpa_dropouts(monkeypatch):
     return seen
 
 
+def test_itm_random_share_reaches_the_negative_draw(monkeypatch):
+    """Config.itm_random is the share of random ITM negatives the draw is asked for; an old checkpoint's
+    config (saved before the field existed) keeps the hard-only draw it was trained with."""
+    seen, real = [], model_module.sample_hard_negatives
+
+    def spy(sim, ids=None, random=0.0):
+        seen.append(random)
+        return real(sim, ids, random)
+    monkeypatch.setattr(model_module, "sample_hard_negatives", spy)
+    cfg = dataclasses.replace(TINY, w_mlm=0.0, w_scl=0.0, itm_random=0.25)
+    model = SCLModel(cfg)
+    model(make_batch(4))
+    assert seen == [0.25] and TINY.itm_random == 0.5
+    old = {k: v for k, v in dataclasses.asdict(TINY).items() if k != "itm_random"}
+    assert model_module.config_from_checkpoint(old).itm_random == 0.0
+
+
 def test_cpu_bf16_attention_matches_fp32_sdpa(monkeypatch):
     """The written-out bf16 CPU attention (vision.attend) against fp32 F.scaled_dot_product_attention
     on the same inputs: outputs and all three gradients, with a key mask, within bf16's rounding."""

@@ -59,7 +59,7 @@ def one_line(err):
     ("max_text_len", 65), ("video_ratio", 2), ("image_mask_ratio", 1.5), ("warmup", 2), ("image_size", 7),
     ("frames", 0), ("save_every", 0), ("log_every", 0), ("config", "huge"), ("lr", 0), ("workers", -1),
     ("video_size", 12), ("eval_every", -1), ("val_k", -1), ("min_answer_count", 0), ("w_scl", -2),
-    ("shuffle_buffer", 0),
+    ("shuffle_buffer", 0), ("itm_random", 1.5), ("itm_random", -0.5),
 ])
 def test_nonsense_flag_is_one_line_at_start_up(demo, tmp_path, capsys, flag, value):
     out = tmp_path / "run"
