@@ -216,7 +216,7 @@ class SCLModel(nn.Module):
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-        for m in self.modules():
+        for m in self.modules():  # a second pass: this order of random draws is the one seeded runs reproduce
             if isinstance(m, nn.Embedding):
                 nn.init.normal_(m.weight, std=0.02)
         std = self.config.vision_width ** -0.5

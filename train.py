@@ -91,6 +91,8 @@ class TrainConfig:
 
 
 CHOICES = {"task": TASKS, "config": tuple(CONFIGS), "precision": PRECISIONS}
+# model-config fields a flag sets (-1: keep); --init takes a checkpoint's weights, not these
+LOSS_SETTINGS = ("w_itc", "w_itm", "w_mlm", "w_scl", "image_mask_ratio", "itm_random")
 # what may differ on --resume; everything else is the run's and is restored from the checkpoint
 RESUMABLE = {"steps", "workers", "eval_every", "save_every", "log_every", "max_bad_steps", "skip_bad", "device",
              "precision", "compile", "grad_checkpointing", "resume", "out"}
@@ -396,13 +398,12 @@ def _main(argv, to_close):
 
     # model config: the run's on resume; --init takes the weights only, the loss weights come from the
     # task and the flags
-    defaults = Config()
     if cfg.resume:
         config = config_from_checkpoint(ckpt["config"])
     elif ckpt is not None:
-        config = replace(config_from_checkpoint(ckpt["config"]), w_itc=defaults.w_itc, w_itm=defaults.w_itm,
-                         w_mlm=defaults.w_mlm, w_scl=defaults.w_scl, image_mask_ratio=defaults.image_mask_ratio,
-                         itm_random=defaults.itm_random, n_answers=0, nlvr2=False)
+        defaults = Config()
+        config = replace(config_from_checkpoint(ckpt["config"]), n_answers=0, nlvr2=False,
+                         **{k: getattr(defaults, k) for k in LOSS_SETTINGS})
     elif cfg.text:
         config = CONFIGS[cfg.config]
     else:  # text encoder trained from scratch (CLIP weights or none): its vocabulary is the tokenizer's
@@ -413,9 +414,7 @@ def _main(argv, to_close):
         config = replace(config, n_answers=len(answers))
     if cfg.task == "nlvr2":
         config = replace(config, nlvr2=True)
-    weights = {k: getattr(cfg, k) for k in ("w_itc", "w_itm", "w_mlm", "w_scl", "image_mask_ratio", "itm_random", "dropout")
-               if getattr(cfg, k) >= 0}
-    config = replace(config, **weights)
+    config = replace(config, **{k: getattr(cfg, k) for k in (*LOSS_SETTINGS, "dropout") if getattr(cfg, k) >= 0})
     if cfg.text and ckpt is None:  # the text sizes come from the folder's config.json
         config = replace(config, **text_config(cfg.text))
     check_model_flags(cfg, config)
