@@ -286,24 +286,16 @@ def test_consistency_by_hand():
 
 
 STATEMENT = [  # each template's truth on the two images' objects, written again here from the sentence
-    (r"both images contain an? (\w+) shape", lambda l, r, v: has(l, "color", v) and has(r, "color", v)),
-    (r"neither image contains an? (\w+) shape", lambda l, r, v: not has(l, "color", v) and not has(r, "color", v)),
-    (r"the left image has a (\w+) and the right image does not", lambda l, r, v: has(l, "shape", v)
-     and not has(r, "shape", v)),
-    (r"the right image has a (\w+) and the left image does not", lambda l, r, v: has(r, "shape", v)
-     and not has(l, "shape", v)),
-    (r"there are more (circle|square|triangle|cross)e?s in the left image", lambda l, r, v: count(l, v) > count(r, v)),
-    (r"there are more (circle|square|triangle|cross)e?s in the right image", lambda l, r, v: count(r, v) > count(l, v)),
-    (r"the two images have the same number of shapes()", lambda l, r, v: len(l) == len(r)),
+    (r"both images contain a (\w+) shape", lambda l, r, v: has(l, v) and has(r, v)),
+    (r"neither image contains a (\w+) shape", lambda l, r, v: not has(l, v) and not has(r, v)),
+    (r"the left image has a (\w+) shape and the right image does not", lambda l, r, v: has(l, v) and not has(r, v)),
+    (r"the right image has a (\w+) shape and the left image does not", lambda l, r, v: has(r, v) and not has(l, v)),
+    (r"exactly one image contains a (\w+) shape", lambda l, r, v: has(l, v) != has(r, v)),
 ]
 
 
-def has(objs, attribute, value):
-    return any(o[attribute] == value for o in objs)
-
-
-def count(objs, shape):
-    return sum(o["shape"] == shape for o in objs)
+def has(objs, colour):
+    return any(o["color"] == colour for o in objs)
 
 
 @pytest.fixture(scope="module")
@@ -324,7 +316,7 @@ def test_demo_statements_are_true_and_balanced(small_demo):
             by_template[pattern].append(r["label"])
             by_sentence[r["captions"][0]].append(r["label"])
             sets[ev.sentence_key(r)].append(r["label"])
-        assert len(by_template) == len(STATEMENT) and len(by_sentence) == 29
+        assert len(by_template) == len(STATEMENT) and len(by_sentence) == 15  # 5 templates x 3 colours
         # the sentence alone predicts nothing: its majority label is right on half of its pairs
         for labels in list(by_template.values()) + list(by_sentence.values()):
             assert Counter(labels).most_common(1)[0][1] == len(labels) / 2
@@ -355,14 +347,17 @@ def test_demo_nlvr2_leaves_the_other_files_as_they_were(small_demo, tmp_path, mo
 # train.py and eval.py
 
 
-NLVR2_RUN = dict(max_text_len=40, image_size=32, batch_size=16)  # the statements need up to 34 tokens
+# the statements need up to 36 tokens; the demo's own image size (its shapes are a few pixels wide at 32);
+# bf16 where the CPU has it: these runs compare nothing exactly
+NLVR2_RUN = dict(max_text_len=40, image_size=64, batch_size=32, precision="auto")
 
 
 @pytest.fixture(scope="module")
 def pretrained(small_demo, tmp_path_factory):
-    """Pre-training on the small demo's images: enough steps that colours and shapes mean something."""
+    """Pre-training on the small demo's images: enough steps that the vision features tell colours apart (at
+    40 steps of batch 16, or at 32 pixels, a fine-tuning run of 100 steps stayed at chance)."""
     out = str(tmp_path_factory.mktemp("pretrain"))
-    train.main(flags(data=small_demo["images_train"], out=out, steps=40, lr=3e-4, eval_every=0, log_every=10,
+    train.main(flags(data=small_demo["images_train"], out=out, steps=100, lr=3e-4, eval_every=0, log_every=10,
                      **dict(NLVR2_RUN, max_text_len=16)))
     return os.path.join(out, "last.pt")
 
@@ -411,16 +406,27 @@ def test_tasks_and_rows_must_agree(small_demo, pretrained, tmp_path):
 
 
 def test_finetune_on_the_demo_beats_chance(pretrained, small_demo, tmp_path):
-    """A short fine-tuning run from the pre-trained checkpoint: above chance on the demo's validation pairs,
-    where the sentence alone is worth exactly 50%. eval.py's figures are recomputed from its predictions."""
+    """A short fine-tuning run from the pre-trained checkpoint: above chance on held-out image pairs, where the
+    sentence alone is worth exactly 50%. The demo's statements, about one colour instead of three: binding the
+    colour a sentence names to the colours an image holds takes a few hundred steps more for each colour added
+    (README, NLVR2), and the rule left (which template, which image has it) still needs the sentence and both
+    images. eval.py's figures are recomputed from its predictions."""
+    folder = tmp_path / "red"
+    os.makedirs(folder)
+    os.symlink(os.path.join(os.path.dirname(small_demo["images_train"]), "images"), folder / "images")
+    for split in ("train", "val"):
+        with open(small_demo[f"images_{split}"], "rb") as f, open(folder / f"images_{split}.jsonl", "wb") as g:
+            g.write(f.read())
+    demo_module.write_nlvr2(str(folder), 0, colors=("red",))
+    train_rows, val_rows = (str(folder / f"nlvr2_{split}.jsonl") for split in ("train", "val"))
+    assert {re.search(r" a (\w+) shape", r["captions"][0]).group(1) for r in read_jsonl(val_rows)} == {"red"}
     out = str(tmp_path / "nlvr2")
-    train.main(flags(task="nlvr2", init=pretrained, data=small_demo["nlvr2_train"], val_data=small_demo["nlvr2_val"],
-                     out=out, steps=60, lr=3e-4, head_lr_mult=10, eval_every=0, log_every=10, **NLVR2_RUN))
+    train.main(flags(task="nlvr2", init=pretrained, data=train_rows, val_data=val_rows, out=out, steps=100, lr=1e-4,
+                     head_lr_mult=5, eval_every=0, log_every=10, **NLVR2_RUN))
     assert all("nlvr2" in e and e["loss"] == pytest.approx(e["nlvr2"], abs=1e-4) for e in train_entries(out))
     before, after = [e["val"] for e in metrics(out) if "val" in e]
-    result = ev.main(["nlvr2", "--ckpt", os.path.join(out, "last.pt"), "--data", small_demo["nlvr2_val"],
-                      "--workers", "0"])
-    rows = read_jsonl(small_demo["nlvr2_val"])
+    result = ev.main(["nlvr2", "--ckpt", os.path.join(out, "last.pt"), "--data", val_rows, "--workers", "0"])
+    rows = read_jsonl(val_rows)
     with open(result["predictions"]) as f:  # the official csv: identifier,True|False
         preds = [line.strip().split(",") for line in f]
     assert [p[0] for p in preds] == [r["identifier"] for r in rows] and {p[1] for p in preds} <= {"True", "False"}
@@ -430,13 +436,13 @@ def test_finetune_on_the_demo_beats_chance(pretrained, small_demo, tmp_path):
     for r, ok in zip(rows, right):
         every[r["identifier"].split("-")[1]].append(ok)  # the demo's set number: one sentence, four pairs
     assert result["consistency"] == pytest.approx(100 * sum(map(all, every.values())) / len(every))
-    assert result["pairs"] == len(rows) == 232 and result["sentences"] == len(every)
+    assert result["pairs"] == len(rows) == 400 and result["sentences"] == len(every) == 100  # 5 x 80 pairs, sets of 4
     print(f"NLVR2 demo fine-tuning: accuracy {before['accuracy']:.1f} -> {result['accuracy']:.1f}")
-    assert result["accuracy"] >= 58  # 232 pairs: chance is 50 +- 3.3
-    baseline = ev.main(["nlvr2", "--ckpt", pretrained, "--fresh-head", "--data", small_demo["nlvr2_val"],
+    assert result["accuracy"] >= 65  # 400 pairs: chance is 50 +- 2.5
+    baseline = ev.main(["nlvr2", "--ckpt", pretrained, "--fresh-head", "--data", val_rows,
                         "--workers", "0", "--out", str(tmp_path / "baseline")])
-    assert baseline["fresh_head"] and baseline["pairs"] == 232
+    assert baseline["fresh_head"] and baseline["pairs"] == 400
     # resume continues the NLVR2 run with its own settings
-    train.main(flags(out=out, resume=True, steps=62, **NLVR2_RUN))
+    train.main(flags(out=out, resume=True, steps=102, **NLVR2_RUN))
     ckpt = load(os.path.join(out, "last.pt"))
-    assert ckpt["step"] == 62 and ckpt["train_config"]["task"] == "nlvr2" and ckpt["config"]["nlvr2"]
+    assert ckpt["step"] == 102 and ckpt["train_config"]["task"] == "nlvr2" and ckpt["config"]["nlvr2"]
