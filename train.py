@@ -483,7 +483,8 @@ def _main(argv, to_close):
         raise SystemExit(refused or "rank 0 could not take the run folder (see its message); stopping")
     if master:
         tokenizer.save(cfg.out)  # beside the checkpoints (which carry it too), for use outside this code
-        data = ", ".join(f"{len(d)} {k} {'shards' if k in shards else 'rows'}" for k, d in train_data.items())
+        data = ", ".join(f"{len(d)} {'image-pair' if cfg.task == 'nlvr2' and k == 'image' else k} "
+                         f"{'shards' if k in shards else 'rows'}" for k, d in train_data.items())
         print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {data}, device {device} "
               f"({precision}), world {world}")
     log = open(os.path.join(cfg.out, "metrics.jsonl"), "a") if master else None

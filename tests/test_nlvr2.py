@@ -405,7 +405,7 @@ def test_tasks_and_rows_must_agree(small_demo, pretrained, tmp_path):
     assert re.search(r"last\.pt: not an NLVR2 checkpoint.*--fresh-head", one_line(err))
 
 
-def test_finetune_on_the_demo_beats_chance(pretrained, small_demo, tmp_path):
+def test_finetune_on_the_demo_beats_chance(pretrained, small_demo, tmp_path, capsys):
     """A short fine-tuning run from the pre-trained checkpoint: above chance on held-out image pairs, where the
     sentence alone is worth exactly 50%. The demo's statements, about one colour instead of three: binding the
     colour a sentence names to the colours an image holds takes a few hundred steps more for each colour added
@@ -423,6 +423,7 @@ def test_finetune_on_the_demo_beats_chance(pretrained, small_demo, tmp_path):
     out = str(tmp_path / "nlvr2")
     train.main(flags(task="nlvr2", init=pretrained, data=train_rows, val_data=val_rows, out=out, steps=100, lr=1e-4,
                      head_lr_mult=5, eval_every=0, log_every=10, **NLVR2_RUN))
+    assert f"{len(read_jsonl(train_rows))} image-pair rows, 0 video rows" in capsys.readouterr().out
     assert all("nlvr2" in e and e["loss"] == pytest.approx(e["nlvr2"], abs=1e-4) for e in train_entries(out))
     before, after = [e["val"] for e in metrics(out) if "val" in e]
     result = ev.main(["nlvr2", "--ckpt", os.path.join(out, "last.pt"), "--data", val_rows, "--workers", "0"])
