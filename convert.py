@@ -6,7 +6,7 @@ import json
 import os
 import warnings
 
-from data import DataError
+from data import DataError, json_objects
 
 
 def _warn_missing(rows, key):
@@ -96,16 +96,8 @@ def convert_nlvr2(json_path, images_root):
     DataError naming the file and line."""
     rows = []
     with open(json_path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+        for n, ex in json_objects(f, json_path):
             where = f"{json_path}:{n}"
-            try:
-                ex = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not JSON ({e.msg})") from None
-            if not isinstance(ex, dict):
-                raise DataError(f"{where}: not a JSON object")
             ident, sentence, label = ex.get("identifier"), ex.get("sentence"), ex.get("label")
             if not isinstance(ident, str) or len(ident.split("-")) != 4:
                 raise DataError(f"{where}: \"identifier\" must look like split-set-pair-sentence, not {ident!r}")

@@ -97,6 +97,21 @@ def _check_pair(row, root):
     return row
 
 
+def json_objects(f, path):
+    """(line number, object) for each line of an open JSON-lines file, blank lines skipped; a line that is not
+    a JSON object raises DataError naming path:line."""
+    for n, line in enumerate(f, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{n}: not a JSON line ({e.msg})") from None
+        if not isinstance(obj, dict):
+            raise DataError(f"{path}:{n}: a {type(obj).__name__}, not a JSON object")
+        yield n, obj
+
+
 def read_jsonl(path, skip_bad=False, skipped=None):
     """Read and validate a jsonl of pairs. Relative media paths resolve against its folder."""
     root = os.path.dirname(os.path.abspath(path))

@@ -17,7 +17,6 @@ import argparse
 import json
 import math
 import os
-import re
 from collections import Counter
 from dataclasses import replace
 
@@ -28,7 +27,8 @@ from tqdm import tqdm
 from data import DataError, PairDataset, Tokenizer, read_jsonl
 from grounding import evaluate_grounding, print_grounding
 from guard import check_eval_flags, check_writable, write_file
-from model import PRECISIONS, SCLModel, autocast, config_from_checkpoint, fit_modality_rows, resolve_precision
+from model import (PRECISIONS, SCLModel, autocast, config_from_checkpoint, fit_modality_rows, resolve_precision,
+                   saved_weights)
 from pictures import plot_curves, write_attention_png, write_show_html
 from vqa_score import normalize_answer, vqa_accuracy
 
@@ -60,8 +60,7 @@ def load_model(ckpt_path, device="cpu", fresh_nlvr2_head=False):
         raise CheckpointError(f"{ckpt_path}: not an SCL checkpoint (no {', '.join(missing)})")
     try:
         config = config_from_checkpoint(ckpt["config"])
-        # weights saved from a compiled or DDP-wrapped model carry a prefix on every name
-        state = {re.sub(r"^(_orig_mod\.|module\.)+", "", k): v for k, v in ckpt["model"].items()}
+        state = saved_weights(ckpt)
         if fresh_nlvr2_head:
             if config.nlvr2:
                 raise CheckpointError(f"{ckpt_path}: has an NLVR2 head already (leave out --fresh-head)")

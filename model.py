@@ -13,6 +13,7 @@ A loss weight of 0 in Config skips that loss's passes.
 """
 import json
 import math
+import re
 import os
 from dataclasses import dataclass, replace
 
@@ -447,6 +448,12 @@ def bert_to_ours(sd, layers):
         raise ValueError(f"text weights lack {missing[:5]}")
     used = {prefix + n for n in names.values()}
     return {ours: sd[prefix + theirs] for ours, theirs in names.items()}, sorted(k for k in sd if k not in used)
+
+
+def saved_weights(ckpt):
+    """A train.py checkpoint's weights under the model's own names: weights saved from a compiled or
+    DDP-wrapped model carry a prefix (_orig_mod., module.) on every name."""
+    return {re.sub(r"^(_orig_mod\.|module\.)+", "", k): v for k, v in ckpt["model"].items()}
 
 
 def fit_modality_rows(state, rows):

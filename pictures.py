@@ -7,7 +7,6 @@ import base64
 import html
 import io
 import itertools
-import json
 import math
 import os
 from urllib.parse import quote
@@ -17,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-from data import CLIP_MEAN, CLIP_STD, DataError, load_image, load_video
+from data import CLIP_MEAN, CLIP_STD, DataError, json_objects, load_image, load_video
 
 
 def load_clip(path, size, frames=4, kind=None):
@@ -187,15 +186,7 @@ def read_curves(path):
         raise DataError(f"{path}: cannot read ({e.strerror or e}); a run folder holds the metrics.jsonl that "
                         f"train.py writes") from None
     with f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n}: not a JSON line ({e.msg})") from None
-            if not isinstance(entry, dict):
-                raise DataError(f"{path}:{n}: a {type(entry).__name__}, not a JSON object")
+        for n, entry in json_objects(f, path):
             if "step" not in entry or entry.get("resumed") or "skipped" in entry:
                 continue
             step = entry["step"]

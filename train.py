@@ -28,7 +28,7 @@ from eval import Interrupted, build_answer_vocab, evaluate_nlvr2, evaluate_retri
 from guard import (BAD_DATA, SAVE_FAILED, STOP, Agreement, check_flags, check_model_flags, check_task_rows,
                    check_unlocked, claim_run_folder, load_checkpoint, save_checkpoint)
 from model import (CONFIGS, PRECISIONS, Config, SCLModel, autocast, config_from_checkpoint, fit_modality_rows,
-                   resolve_precision, text_config)
+                   resolve_precision, saved_weights, text_config)
 from pictures import plot_curves
 from shards import (Positions, Shards, ShardStream, WithPosition, captions_for_vocabulary, is_shards, open_shards,
                     scan_rows)
@@ -402,7 +402,7 @@ def _main(argv, to_close):
         config = config_from_checkpoint(ckpt["config"])
     elif ckpt is not None:
         defaults = Config()
-        config = replace(config_from_checkpoint(ckpt["config"]), n_answers=0, nlvr2=False,
+        config = replace(config_from_checkpoint(ckpt["config"]), n_answers=0,
                          **{k: getattr(defaults, k) for k in LOSS_SETTINGS})
     elif cfg.text:
         config = CONFIGS[cfg.config]
@@ -412,8 +412,7 @@ def _main(argv, to_close):
         config = replace(config, w_mlm=0.0, w_scl=0.0)
     if cfg.task == "vqa":
         config = replace(config, n_answers=len(answers))
-    if cfg.task == "nlvr2":
-        config = replace(config, nlvr2=True)
+    config = replace(config, nlvr2=cfg.task == "nlvr2")  # the pair head and the right image's modality row
     config = replace(config, **{k: getattr(cfg, k) for k in (*LOSS_SETTINGS, "dropout") if getattr(cfg, k) >= 0})
     if cfg.text and ckpt is None:  # the text sizes come from the folder's config.json
         config = replace(config, **text_config(cfg.text))
@@ -448,8 +447,7 @@ def _main(argv, to_close):
     else:
         model = SCLModel(config)
         if ckpt is not None:
-            # weights saved from a compiled or DDP-wrapped model carry a prefix on every name
-            state = {re.sub(r"^(_orig_mod\.|module\.)+", "", k): v for k, v in ckpt["model"].items()}
+            state = saved_weights(ckpt)
             heads = ("vqa_head.", "nlvr2_head.")
             if not cfg.resume:  # fine-tuning: the task's new head starts fresh; NLVR2's modality rows (§7.3)
                 state = fit_modality_rows({k: v for k, v in state.items() if not k.startswith(heads)},

@@ -89,8 +89,8 @@ def test_convert_official_train_and_dev(tmp_path):
 
 
 @pytest.mark.parametrize("line, why", [
-    ("{not json", "not JSON"),
-    ("[1, 2]", "not a JSON object"),
+    ("{not json", "not a JSON line"),
+    ("[1, 2]", "a list, not a JSON object"),
     ({**DEV_LINES[0], "label": "maybe"}, r'"label" must be "True" or "False"'),
     ({**DEV_LINES[0], "label": True}, r'"label" must be "True" or "False"'),
     ({k: v for k, v in DEV_LINES[0].items() if k != "identifier"}, '"identifier"'),
