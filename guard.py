@@ -153,6 +153,22 @@ def write_file(path, write):
         raise SystemExit(f"{path}: cannot write ({e.strerror or e}); the results are printed above") from None
 
 
+# -- ending the process ------------------------------------------------------------------------------
+
+def stop_workers(batches):
+    """End the worker processes of a DataLoader iterator now, however the run ends. The workers ignore
+    SIGTERM (train.ignore_signals), and at interpreter exit multiprocessing ends daemonic children with
+    SIGTERM and then waits for them: a worker still alive then (an exception in flight keeps its loader
+    referenced) would hang the process forever. The loader's own shutdown asks each worker to leave;
+    one still alive after it is killed."""
+    shutdown = getattr(batches, "_shutdown_workers", None)  # absent with --workers 0
+    if shutdown is not None:
+        shutdown()
+    for w in getattr(batches, "_workers", ()):
+        if w.is_alive():
+            w.kill()
+            w.join()
+
 # -- the run folder ---------------------------------------------------------------------------------
 
 

@@ -13,6 +13,7 @@ import math
 import os
 import re
 import signal
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields, replace
@@ -26,7 +27,7 @@ from data import Collator, DataError, PairDataset, Tokenizer, item_seed, read_js
 from demo import make_demo
 from eval import Interrupted, build_answer_vocab, evaluate_nlvr2, evaluate_retrieval, evaluate_vqa, soft_targets
 from guard import (BAD_DATA, SAVE_FAILED, STOP, Agreement, check_flags, check_model_flags, check_task_rows,
-                   check_unlocked, claim_run_folder, load_checkpoint, save_checkpoint)
+                   check_unlocked, claim_run_folder, load_checkpoint, save_checkpoint, stop_workers)
 from model import (CONFIGS, PRECISIONS, Config, SCLModel, autocast, config_from_checkpoint, fit_modality_rows,
                    resolve_precision, saved_weights, text_config)
 from pictures import plot_curves
@@ -314,17 +315,23 @@ def read_rows(path, cfg, skipped, kind=None):
 def main(argv=None):
     """Train; returns the (unwrapped) model. argv: a list of flags, or a TrainConfig."""
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-    to_close = []  # the run folder's lock and log
+    to_close = []  # the DataLoader workers, the run folder's log and lock: closed however the run ends
+    status = {}    # once training runs: the step reached, the last checkpoint written
     try:
-        return _main(argv, to_close)
-    finally:  # also when the run stops with an error: the caller's handlers come back, the folder is freed
+        return _main(argv, to_close, status)
+    except BaseException as e:
+        if status and not (isinstance(e, SystemExit) and e.code in (0, None)):
+            print(f"stopped by an error at step {status['step']}: {type(e).__name__}; {status['saved']}",
+                  file=sys.stderr, flush=True)
+        raise
+    finally:  # the workers end now (see stop_workers), the caller's handlers come back, the folder is freed
         for s, h in handlers.items():
             signal.signal(s, h)
-        for f in to_close:
-            f.close()
+        for close in reversed(to_close):
+            close()
 
 
-def _main(argv, to_close):
+def _main(argv, to_close, status):
     cfg = parse_args(argv) if not isinstance(argv, TrainConfig) else argv
     given = given_flags(argv)
     check_flags(cfg)
@@ -474,11 +481,13 @@ def _main(argv, to_close):
     refused = None
     if master:
         try:
-            to_close.append(claim_run_folder(cfg, step))
+            to_close.append(claim_run_folder(cfg, step).close)
         except SystemExit as e:
             refused = str(e.code)
     if agree(STOP if refused else 0):  # the other ranks stop with rank 0 instead of waiting for it
         raise SystemExit(refused or "rank 0 could not take the run folder (see its message); stopping")
+    status.update(step=step, saved=f"the last checkpoint is {last} (step {step})" if cfg.resume
+                  else "no checkpoint was written")
     if master:
         tokenizer.save(cfg.out)  # beside the checkpoints (which carry it too), for use outside this code
         data = ", ".join(f"{len(d)} {'image-pair' if cfg.task == 'nlvr2' and k == 'image' else k} "
@@ -487,7 +496,7 @@ def _main(argv, to_close):
               f"({precision}), world {world}")
     log = open(os.path.join(cfg.out, "metrics.jsonl"), "a") if master else None
     if log:
-        to_close.append(log)
+        to_close.append(log.close)
 
     def record(entry):
         if log:
@@ -496,6 +505,7 @@ def _main(argv, to_close):
 
     # loaders: each modality keeps its own resolution and frame count
     streams = {kind: loader(ds, cfg, collate, batch, rank, world, seen[kind]) for kind, (ds, batch) in sets.items()}
+    to_close.append(lambda: [stop_workers(s) for s in streams.values()])
     where = Positions({k: sets[k][0] for k in shards})  # shards: each reader's position after the batches trained on
     ratio = cfg.video_ratio if len(streams) == 2 else float("video" in streams)
 
@@ -569,6 +579,8 @@ def _main(argv, to_close):
                 answers=answers, val=val, shards=at))
         except SystemExit as e:
             return str(e.code)
+        if path == last:
+            status["saved"] = f"the last checkpoint is {last} (step {step})"
         return None
 
     def validate_and_keep_best():
@@ -643,6 +655,7 @@ def _main(argv, to_close):
         bad_total += found_inf
         bad_streak = (bad_streak + 1) * found_inf
         step += 1
+        status["step"] = step
         n_steps += 1
         bar.update(1)
 
