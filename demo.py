@@ -184,11 +184,17 @@ def write_nlvr2(out_dir, seed, colors=NLVR2_COLORS):
 
 
 def write_video(path, frames, fps=8, gop=4):
-    """uint8 frames (N, H, W, 3), even H and W -> H.264 mp4; small GOP so seeking is cheap."""
-    with av.open(path, "w") as c:
+    """uint8 frames (N, H, W, 3), even H and W -> H.264 mp4; small GOP so seeking is cheap.
+
+    The same frames give the same bytes every time, whatever else the process has done: x264 encodes
+    on one thread, without macroblock-tree rate control (mbtree: its lookahead reads memory that the
+    frames do not initialise, so its choices followed what the process had allocated before), and the
+    muxer writes in bit-exact mode (no version strings or times in the file)."""
+    with av.open(path, "w", options={"fflags": "+bitexact"}) as c:
         s = c.add_stream("libx264", rate=fps)
         s.width, s.height, s.pix_fmt, s.gop_size = frames.shape[2], frames.shape[1], "yuv420p", gop
-        s.options = {"crf": "18"}
+        s.thread_count, s.thread_type = 1, "NONE"
+        s.options = {"crf": "18", "threads": "1", "flags": "+bitexact", "x264-params": "mbtree=0"}
         for f in frames:
             for p in s.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")):
                 c.mux(p)

@@ -516,6 +516,20 @@ def test_demo_videos_and_vqa(demo):
             assert [o["size"] for o in objs if o["color"] == words[2] and o["shape"] == words[3]] == [answer]
 
 
+def test_demo_is_the_same_bytes_every_time(tmp_path):
+    """The full demo written twice (in one process, which has allocated other memory in between): every
+    file, the clips included, is the same bytes, so seeded figures reproduce across fresh clones."""
+    def files(root):
+        return {os.path.relpath(os.path.join(d, f), root): open(os.path.join(d, f), "rb").read()
+                for d, _, names in os.walk(root) for f in names}
+    demo_module.make_demo(str(tmp_path / "a"))
+    junk = [np.random.default_rng(0).integers(0, 255, 10**6, dtype=np.uint8) for _ in range(4)]  # noqa: F841
+    demo_module.make_demo(str(tmp_path / "b"))
+    a, b = files(tmp_path / "a"), files(tmp_path / "b")
+    assert a.keys() == b.keys() and sum(k.endswith(".mp4") for k in a) == 60
+    assert [k for k in a if a[k] != b[k]] == []
+
+
 def test_demo_deterministic_and_cached(demo, tmp_path):
     out, paths = demo
     again = demo_module.make_demo(tmp_path / "d", n_train=40, n_val=10, n_videos=5, seed=0)
