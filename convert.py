@@ -1,4 +1,4 @@
-"""Converters from the standard annotation files to this project's jsonl (`python data.py convert ...`):
+"""Converters from the standard annotation files to this project's jsonl (`python prepare_data.py convert ...`):
 Karpathy's COCO / Flickr30K splits, MSRVTT 1k-A, VQA v2 and NLVR2. Not needed to read the method.
 """
 import csv

@@ -1,25 +1,18 @@
-"""
-Data for SCL: jsonl reading, image/video loading, tokenisation, MLM/SCL text masking,
-and the command line of the demo set (demo.py) and the converters (convert.py) (METHOD.md §8).
-Stands alone: imports only torch, numpy, pillow, av, tokenizers and the standard library.
+"""Data for SCL (METHOD.md §8): jsonl rows, image and video loading, the tokenizer, and the batch with
+its MLM and MLSC masked texts.
 
-    python data.py demo --out demo/ [--shards]
-    python data.py shard coco_train.jsonl --out shards/coco --per-shard 1000    # tar shards (shards.py)
-    python data.py convert karpathy dataset_coco.json --split test --images COCO_ROOT --out coco_test.jsonl
-    python data.py convert msrvtt MSRVTT_JSFUSION_test.csv --videos VIDEOS --out msrvtt_test.jsonl
-    python data.py convert vqa questions.json --annotations annotations.json --images val2014/ --out vqa_val.jsonl
-    python data.py convert nlvr2 dev.json --images NLVR2_ROOT/dev --out nlvr2_dev.jsonl
+Stands alone: imports only torch, numpy, pillow, av, tokenizers and the standard library, never another
+file of this project. The files that write data (the demo, the converters, the tar shards) and their
+command line, prepare_data.py, import this one.
 """
-import argparse
-import glob
 import hashlib
+import io
 import itertools
 import json
 import math
 import os
 import random
 import re
-import sys
 import warnings
 
 import av
@@ -170,7 +163,7 @@ def _to_rgb(im):
 def _open_image(path, need=0):
     """Image file -> (upright RGB PIL image, s, (w, h) its full upright size). A JPEG whose shorter side
     is at least s * need decodes s = 2, 4 or 8 times smaller (libjpeg's DCT scaling, PIL's draft: decoding
-    is 2-5x faster, and the resize reads s^2 times fewer pixels); full-size pixel (x, y) is then at
+    does less work, and the resize reads s^2 times fewer pixels); full-size pixel (x, y) is then at
     (x / s, y / s) in the image returned."""
     try:
         with warnings.catch_warnings():
@@ -243,7 +236,7 @@ def _transform(im, size, box, flip):
         im = im.transpose(Image.FLIP_LEFT_RIGHT)
     x = torch.from_numpy(np.array(im)).permute(2, 0, 1).contiguous().float()          # (3, S, S) 0..255
     mean, std = torch.tensor(CLIP_MEAN).view(3, 1, 1), torch.tensor(CLIP_STD).view(3, 1, 1)
-    return x.sub_(255 * mean).div_(255 * std)  # = (x / 255 - mean) / std; in place and contiguous: 3x faster
+    return x.sub_(255 * mean).div_(255 * std)  # = (x / 255 - mean) / std, in place (no copies)
 
 
 def load_image(path, size, train=False, rng=None):
@@ -472,6 +465,29 @@ def swap_left_right(text):
     return re.sub(r"\b(left|right)\b", swap, text, flags=re.IGNORECASE)
 
 
+class Member(io.BytesIO):
+    """The bytes of one file inside a tar shard. str() is `shard.tar:key.ext`, so the messages of the image
+    and video loaders name the shard and the key."""
+
+    def __init__(self, data, label):
+        super().__init__(data)
+        self.label = label
+
+    def __str__(self):
+        return self.label
+
+
+def open_member(row):
+    """The media of a row scanned from a tar shard (shards.scan_rows: "member" is (tar, offset, size))."""
+    path, offset, size = row["member"]
+    with open(path, "rb") as f:
+        f.seek(offset)
+        data = f.read(size)
+    if len(data) < size:
+        raise DataError(f"{row['path']}: the shard is cut inside this file")
+    return Member(data, row["path"])
+
+
 class PairDataset(torch.utils.data.Dataset):
     """Rows from read_jsonl -> clips (T, 3, S, S) + text. group=False: one item per (row, caption);
     group=True: one item per row with all its captions. VQA rows: one item per row. NLVR2 rows: one item
@@ -502,7 +518,6 @@ class PairDataset(torch.utils.data.Dataset):
         try:
             src = row.get("path")  # pair rows have "paths" instead
             if "member" in row:  # a file inside a tar shard (validation from shards)
-                from shards import open_member  # a side file that imports this one
                 src = open_member(row)
             if "paths" in row:  # NLVR2: (2, 1, 3, S, S), left and right
                 pixels, flipped = self._pair(row["paths"], rng)
@@ -548,8 +563,9 @@ class Collator:
     Every random draw for a sample comes from a generator seeded by its own "seed", so masks
     do not depend on which samples share the batch or how many workers there are."""
 
-    def __init__(self, tokenizer, max_len=40, mlm_prob=0.15, scl_ratio=0.4, trim=0):
-        self.tok, self.max_len, self.mlm_prob, self.scl_ratio = tokenizer, max_len, mlm_prob, scl_ratio
+    def __init__(self, tokenizer, max_len=40, mlm_ratio=0.15, text_mask_ratio=0.4, trim=0):
+        """mlm_ratio, text_mask_ratio: the model Config's (what MLM selects, what MLSC masks)."""
+        self.tok, self.max_len, self.mlm_ratio, self.text_mask_ratio = tokenizer, max_len, mlm_ratio, text_mask_ratio
         self.trim = trim  # > 0: cut the padding to the batch's longest text, rounded up to a multiple of this
         self.special = torch.tensor(sorted(tokenizer.special_ids))
         normal = torch.ones(tokenizer.vocab_size, dtype=torch.bool)
@@ -576,14 +592,14 @@ class Collator:
             u, v = torch.rand(L, generator=g), torch.rand(L, generator=g)
             rand_tok = self.normal_ids[torch.randint(len(self.normal_ids), (L,), generator=g)]
             sel = torch.zeros(L, dtype=torch.bool)
-            sel[pos] = u[pos] < self.mlm_prob
+            sel[pos] = u[pos] < self.mlm_ratio
             if n and not sel.any():  # at least one target so the MLM loss is defined
                 sel[pos[torch.randint(n, (1,), generator=g)]] = True
             labels[b, sel] = ids[b, sel]
             mlm_ids[b] = torch.where(sel & (v < 0.8), self.tok.mask_id,
                                      torch.where(sel & (v >= 0.8) & (v < 0.9), rand_tok, ids[b]))
             # SCL: round(ratio * n) of the n words (at least one), without replacement
-            k = max(1, round(self.scl_ratio * n)) if n else 0
+            k = max(1, round(self.text_mask_ratio * n)) if n else 0
             scl_ids[b, pos[torch.randperm(n, generator=g)[:k]]] = self.tok.mask_id
         if self.trim:
             # after the masks are drawn over all max_len slots: the same masks, fewer padded columns. Padding
@@ -605,71 +621,3 @@ class Collator:
             if "question_id" in kept[0]:
                 batch["question_id"] = [s["question_id"] for s in kept]
         return batch
-
-# -----------------------------------------------------------------------------
-
-
-def main(argv=None):
-    p = argparse.ArgumentParser(description="SCL data: demo dataset and converters to jsonl")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    d = sub.add_parser("demo", help="write the synthetic shapes dataset")
-    d.add_argument("--out", default="demo", help="output folder")
-    d.add_argument("--n-train", type=int, default=400, help="training images")
-    d.add_argument("--n-val", type=int, default=100, help="validation images")
-    d.add_argument("--n-videos", type=int, default=60, help="videos in all (80/20 train/val)")
-    d.add_argument("--seed", type=int, default=0, help="random seed")
-    d.add_argument("--shards", action="store_true", help="also write each set as tar shards, in <out>/shards/<set>/")
-    d.add_argument("--per-shard", type=int, default=50, help="--shards: samples per shard")
-    t = sub.add_parser("shard", help="pack a jsonl's image/video-text pairs into tar shards (img2dataset's layout)")
-    t.add_argument("input", help="jsonl of image or video rows with captions")
-    t.add_argument("--out", required=True, help="an empty (or new) folder for 00000.tar, 00001.tar, ...")
-    t.add_argument("--per-shard", type=int, default=1000, help="samples per shard")
-    c = sub.add_parser("convert", help="convert standard annotations to jsonl")
-    c.add_argument("format", choices=["karpathy", "msrvtt", "vqa", "nlvr2"], help="annotation format")
-    c.add_argument("input", help="karpathy: dataset_*.json; msrvtt: test csv or train id list; vqa: questions; "
-                   "nlvr2: train.json, dev.json or test1.json")
-    c.add_argument("--out", required=True, help="output jsonl")
-    c.add_argument("--split", default="test", help="karpathy: train (with restval), val or test")
-    c.add_argument("--images", default=".", help="karpathy: root of filepath/filename; vqa: COCO image folder; "
-                   "nlvr2: the split's image folder (train: the one that holds the numbered folders)")
-    c.add_argument("--videos", default=".", help="msrvtt: folder of <video_id>.mp4")
-    c.add_argument("--data-json", help="msrvtt training list: MSRVTT_data.json with the captions")
-    c.add_argument("--annotations", help="vqa: annotations json (leave out for test-dev)")
-    c.add_argument("--subtype", help="vqa: image subtype (default: the questions' data_subtype)")
-    a = p.parse_args(argv)
-    from convert import convert_karpathy, convert_msrvtt, convert_nlvr2, convert_vqa  # side files that import this one
-    from demo import make_demo
-    from shards import check_out_folder, write_shards
-    if getattr(a, "per_shard", 1) < 1:
-        raise SystemExit(f"--per-shard {a.per_shard}: must be at least 1")
-    if a.cmd == "shard":
-        try:
-            check_out_folder(a.out)  # before reading what may be millions of lines
-            rows = read_jsonl(a.input)
-            spec = write_shards(rows, a.out, a.per_shard)
-        except DataError as e:
-            raise SystemExit(str(e)) from None
-        print(f"wrote {len(rows)} samples in {-(-len(rows) // a.per_shard)} shards: {spec}", file=sys.stderr)
-        return spec
-    if a.cmd == "demo":
-        for name, path in make_demo(a.out, a.n_train, a.n_val, a.n_videos, a.seed).items():
-            print(f"{name}: {path}")
-            if a.shards and not name.startswith(("vqa", "nlvr2")):  # the demo's own shards: written again each time
-                folder = os.path.join(a.out, "shards", name)
-                for old in glob.glob(os.path.join(folder, "*.tar")):
-                    os.remove(old)
-                print(f"{name} shards: {write_shards(read_jsonl(path), folder, a.per_shard)}")
-        return
-    try:
-        rows = (convert_karpathy(a.input, a.split, a.images) if a.format == "karpathy" else
-                convert_msrvtt(a.input, a.videos, a.data_json) if a.format == "msrvtt" else
-                convert_nlvr2(a.input, a.images) if a.format == "nlvr2" else
-                convert_vqa(a.input, a.images, a.annotations, a.subtype))
-    except DataError as e:  # a bad line of the annotations: its file and line, no traceback
-        raise SystemExit(str(e)) from None
-    write_jsonl(rows, a.out)
-    print(f"wrote {len(rows)} rows to {a.out}", file=sys.stderr)
-
-
-if __name__ == "__main__":
-    main()

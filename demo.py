@@ -1,7 +1,7 @@
 """The built-in demo data: coloured shapes whose captions need colour, shape, size and relation (one
 attribute changed between neighbouring images, so no single attribute retrieves), short mp4 clips of a
 shape moving, VQA questions about the images, and NLVR2 statements about two of them. Deterministic in
-its seed; written by `python data.py demo` and by `python train.py` without --data. Not needed to read
+its seed; written by `python prepare_data.py demo` and by `python train.py` without --data. Not needed to read
 the method.
 """
 import json

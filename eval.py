@@ -25,11 +25,9 @@ import torch
 from tqdm import tqdm
 
 from data import DataError, PairDataset, Tokenizer, read_jsonl
-from grounding import evaluate_grounding, print_grounding
 from guard import check_eval_flags, check_writable, write_file
 from model import (PRECISIONS, SCLModel, autocast, config_from_checkpoint, fit_modality_rows, resolve_precision,
                    saved_weights)
-from pictures import plot_curves, write_attention_png, write_show_html
 from vqa_score import normalize_answer, vqa_accuracy
 
 
@@ -553,6 +551,7 @@ def main(argv=None):
     c.add_argument("--labels", nargs="+", help="legend names, one per run (default: the folder names)")
     a = p.parse_args(argv)
     if a.task == "plot":  # no model, no device: the metrics files only
+        from pictures import plot_curves
         out = a.out or os.path.join(a.runs[0], "curves.png")
         try:
             plot_curves(a.runs, out, a.labels)
@@ -607,70 +606,83 @@ def evaluate(a, out_dir):
                    rows=len(rows), image_size=size, frames=frames, max_len=max_len,
                    json=os.path.join(out_dir, f"eval_{a.task}_{name}.json"), skipped=[])
 
-    def save():
-        write_file(results["json"], lambda f: json.dump(results, f, indent=2))
-        return results["json"]
-
-    if a.task == "retrieval":
-        metrics, ranked = evaluate_retrieval(model, tokenizer, rows, k=a.k, skipped=results["skipped"], **opts)
-        g, items = metrics["gallery"], ranked["items"]
-        if g["items"] < g["rows"]:
-            print(f"merged {g['rows']} rows into {g['items']} gallery items (rows naming the same file)")
-        report_skipped(results["skipped"])
-        print_retrieval(metrics)
-        results.update(k=a.k, precision=precision, **metrics)
-        print(f"wrote {save()}")  # before the pictures: a picture that fails leaves the metrics on disk
-        if a.show:
-            queries = [(i, c) for i, item in enumerate(items) for c in item["captions"]]
-            picked = np.linspace(0, len(queries) - 1, min(a.show, len(queries))).round().astype(int)
-            top = ranked["t2i"]["index"][:, :5]                            # (n_txt, 5) in the final order
-            results["show"] = os.path.join(out_dir, f"show_{name}.html")
-            write_show_html(results["show"], [queries[q][1] for q in picked],
-                            [[items[i]["path"] for i in top[q].tolist()] for q in picked],
-                            [items[queries[q][0]]["path"] for q in picked], embed=a.embed, kind=items[0]["kind"])
-            print(f"wrote {results['show']}")
-        for n, caption in enumerate(a.attention or []):
-            png = os.path.join(out_dir, f"attention_{name}_{n}.png")
-            image, kind = (a.attention_image, None) if a.attention_image else (items[0]["path"], items[0]["kind"])
-            write_attention_png(model, tokenizer, image, caption, png, image_size=size, frames=frames,
-                                max_len=max_len, kind=kind)
-            results.setdefault("attention", {})[png] = caption
-            print(f"wrote {png}: {caption!r}")
-        if a.show or a.attention:
-            save()
-    elif a.task == "grounding":
-        frame = a.video_frame if a.video_frame == "mean" else int(a.video_frame)
-        if frame != "mean" and frame >= frames:
-            raise SystemExit(f"--video-frame {frame}: clips have {frames} frames (--frames)")
-        metrics = evaluate_grounding(model, tokenizer, rows, video_frame=frame, skipped=results["skipped"], **opts)
-        report_skipped(results["skipped"])
-        print_grounding(metrics)
-        results.update(precision=precision, video_frame=frame, **metrics)
-        print(f"wrote {save()}")
-    elif a.task == "vqa":
-        answers = ckpt.get("answers")
-        if not answers or len(answers) != model.config.n_answers:
-            raise CheckpointError(f"{a.ckpt}: not a VQA checkpoint (its answer list does not match a VQA head)")
-        score, preds = evaluate_vqa(model, tokenizer, rows, answers, skipped=results["skipped"], **opts)
-        report_skipped(results["skipped"])
-        print(f"VQA score {score:.2f} ({len(preds)} questions)" if score is not None
-              else f"no answers in {a.data}: predictions only")
-        results.update(vqa_score=score, precision=precision, predictions=os.path.abspath(a.preds or
-                                                                  os.path.join(out_dir, f"vqa_preds_{name}.json")))
-        write_file(results["predictions"], lambda f: json.dump(preds, f))
-        print(f"wrote {results['predictions']}\nwrote {save()}")
-    elif a.task == "nlvr2":
-        metrics, preds = evaluate_nlvr2(model, tokenizer, rows, skipped=results["skipped"], **opts)
-        report_skipped(results["skipped"])
-        print(f"NLVR2 accuracy {metrics['accuracy']:.2f}, consistency {metrics['consistency']:.2f} "
-              f"({metrics['pairs']} pairs, {metrics['sentences']} sentences)"
-              + (" with a fresh head" if a.fresh_head else ""))
-        results.update(precision=precision, fresh_head=a.fresh_head, **metrics, predictions=os.path.abspath(
-            a.preds or os.path.join(out_dir, f"nlvr2_preds_{name}.csv")))
-        write_file(results["predictions"], lambda f: f.writelines(f"{p['identifier']},{p['prediction']}\n"
-                                                                  for p in preds))
-        print(f"wrote {results['predictions']}\nwrote {save()}")
+    task = {"retrieval": task_retrieval, "grounding": task_grounding, "vqa": task_vqa, "nlvr2": task_nlvr2}[a.task]
+    task(a, model, tokenizer, ckpt, rows, opts, results, name)
     return results
+
+
+def save_results(results):
+    write_file(results["json"], lambda f: json.dump(results, f, indent=2))
+    return results["json"]
+
+
+def task_retrieval(a, model, tokenizer, ckpt, rows, opts, results, name):
+    """Retrieval metrics; then the --show page and the --attention heat maps."""
+    from pictures import write_attention_png, write_show_html  # only these pictures need them
+    out_dir = os.path.dirname(results["json"])
+    metrics, ranked = evaluate_retrieval(model, tokenizer, rows, k=a.k, skipped=results["skipped"], **opts)
+    g, items = metrics["gallery"], ranked["items"]
+    if g["items"] < g["rows"]:
+        print(f"merged {g['rows']} rows into {g['items']} gallery items (rows naming the same file)")
+    report_skipped(results["skipped"])
+    print_retrieval(metrics)
+    results.update(k=a.k, precision=opts["precision"], **metrics)
+    print(f"wrote {save_results(results)}")  # before the pictures: a picture that fails leaves the metrics on disk
+    if a.show:
+        queries = [(i, c) for i, item in enumerate(items) for c in item["captions"]]
+        picked = np.linspace(0, len(queries) - 1, min(a.show, len(queries))).round().astype(int)
+        top = ranked["t2i"]["index"][:, :5]                            # (n_txt, 5) in the final order
+        results["show"] = os.path.join(out_dir, f"show_{name}.html")
+        write_show_html(results["show"], [queries[q][1] for q in picked],
+                        [[items[i]["path"] for i in top[q].tolist()] for q in picked],
+                        [items[queries[q][0]]["path"] for q in picked], embed=a.embed, kind=items[0]["kind"])
+        print(f"wrote {results['show']}")
+    for n, caption in enumerate(a.attention or []):
+        png = os.path.join(out_dir, f"attention_{name}_{n}.png")
+        image, kind = (a.attention_image, None) if a.attention_image else (items[0]["path"], items[0]["kind"])
+        write_attention_png(model, tokenizer, image, caption, png, image_size=opts["image_size"],
+                            frames=opts["frames"], max_len=opts["max_len"], kind=kind)
+        results.setdefault("attention", {})[png] = caption
+        print(f"wrote {png}: {caption!r}")
+    if a.show or a.attention:
+        save_results(results)
+
+
+def task_grounding(a, model, tokenizer, ckpt, rows, opts, results, name):
+    from grounding import evaluate_grounding, print_grounding  # the grounding score alone needs it
+    frame = a.video_frame if a.video_frame == "mean" else int(a.video_frame)
+    if frame != "mean" and frame >= opts["frames"]:
+        raise SystemExit(f"--video-frame {frame}: clips have {opts['frames']} frames (--frames)")
+    metrics = evaluate_grounding(model, tokenizer, rows, video_frame=frame, skipped=results["skipped"], **opts)
+    report_skipped(results["skipped"])
+    print_grounding(metrics)
+    results.update(precision=opts["precision"], video_frame=frame, **metrics)
+    print(f"wrote {save_results(results)}")
+
+
+def task_vqa(a, model, tokenizer, ckpt, rows, opts, results, name):
+    answers = ckpt.get("answers")
+    if not answers or len(answers) != model.config.n_answers:
+        raise CheckpointError(f"{a.ckpt}: not a VQA checkpoint (its answer list does not match a VQA head)")
+    score, preds = evaluate_vqa(model, tokenizer, rows, answers, skipped=results["skipped"], **opts)
+    report_skipped(results["skipped"])
+    print(f"VQA score {score:.2f} ({len(preds)} questions)" if score is not None
+          else f"no answers in {a.data}: predictions only")
+    results.update(vqa_score=score, precision=opts["precision"], predictions=os.path.abspath(
+        a.preds or os.path.join(os.path.dirname(results["json"]), f"vqa_preds_{name}.json")))
+    write_file(results["predictions"], lambda f: json.dump(preds, f))
+    print(f"wrote {results['predictions']}\nwrote {save_results(results)}")
+
+
+def task_nlvr2(a, model, tokenizer, ckpt, rows, opts, results, name):
+    metrics, preds = evaluate_nlvr2(model, tokenizer, rows, skipped=results["skipped"], **opts)
+    report_skipped(results["skipped"])
+    print(f"NLVR2 accuracy {metrics['accuracy']:.2f}, consistency {metrics['consistency']:.2f} "
+          f"({metrics['pairs']} pairs, {metrics['sentences']} sentences)" + (" with a fresh head" if a.fresh_head else ""))
+    results.update(precision=opts["precision"], fresh_head=a.fresh_head, **metrics, predictions=os.path.abspath(
+        a.preds or os.path.join(os.path.dirname(results["json"]), f"nlvr2_preds_{name}.csv")))
+    write_file(results["predictions"], lambda f: f.writelines(f"{p['identifier']},{p['prediction']}\n" for p in preds))
+    print(f"wrote {results['predictions']}\nwrote {save_results(results)}")
 
 
 def report_skipped(skipped, show=5):

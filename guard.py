@@ -3,7 +3,9 @@ exclusive lock, stale temp files, metrics after a resume), checkpoints written a
 clear message when the disk is full, and the decisions all DDP ranks must take together.
 train.py calls these; none of it is needed to read the training algorithm itself.
 """
+import dataclasses
 import errno
+import signal
 import fcntl
 import json
 import os
@@ -30,10 +32,13 @@ def check_flags(cfg):
     need(0 < cfg.beta2 < 1, "beta2", "must lie in (0, 1)")
     need(0 <= cfg.warmup <= 1, "warmup", "is a fraction of the steps, in [0, 1]")
     need(0 <= cfg.video_ratio <= 1, "video_ratio", "is a fraction of the micro-steps, in [0, 1]")
-    for name in ("w_itc", "w_itm", "w_mlm", "w_scl"):
+    for name in (f.name for f in dataclasses.fields(cfg) if f.name.startswith("w_")):  # every loss weight
         need(getattr(cfg, name) >= 0 or getattr(cfg, name) == -1, name, "must be 0 or more (-1: the task's)")
     need(cfg.image_mask_ratio == -1 or 0 <= cfg.image_mask_ratio < 1, "image_mask_ratio",
          "is the fraction of patches dropped, in [0, 1) (-1: the model's)")
+    for name in ("mlm_ratio", "text_mask_ratio"):
+        need(getattr(cfg, name) == -1 or 0 < getattr(cfg, name) < 1, name,
+             "is the share of the words masked, in (0, 1) (-1: the model's)")
     need(cfg.itm_random == -1 or 0 <= cfg.itm_random <= 1, "itm_random",
          "is the share of random ITM negatives, in [0, 1] (-1: the model's)")
     need(cfg.dropout == -1 or 0 <= cfg.dropout < 1, "dropout", "is a probability in [0, 1) (-1: the model's)")
@@ -199,7 +204,21 @@ def check_unlocked(out, master, agree):
         raise SystemExit(busy or "rank 0 found the run folder in use (see its message); stopping")
 
 
-def claim_run_folder(cfg, ckpt_step):
+def claim_run_folder(cfg, ckpt_step, master, agree):
+    """Rank 0 takes the run folder (_claim); every rank stops with it if it cannot. -> the lock file on rank 0
+    (closing it releases the folder), None on the others."""
+    lock, refused = None, None
+    if master:
+        try:
+            lock = _claim(cfg, ckpt_step)
+        except SystemExit as e:
+            refused = str(e.code)
+    if agree(STOP if refused else 0):  # the other ranks stop with rank 0 instead of waiting for it
+        raise SystemExit(refused or "rank 0 could not take the run folder (see its message); stopping")
+    return lock
+
+
+def _claim(cfg, ckpt_step):
     """Create --out and hold an exclusive lock on it for the run's lifetime (rank 0, after every start-up
     check). Refuses a folder that holds an earlier run unless --resume or --overwrite; removes the temp
     files of saves that were killed; on resume drops the metrics logged after the checkpoint.
@@ -277,3 +296,108 @@ class Agreement:
 
 
 STOP, SAVE_FAILED, BAD_DATA = 1, 2, 4  # bits of the agreed code
+
+# -- the training loop's safety protocol --------------------------------------------------------------------
+
+
+class RunGuard:
+    """What keeps a run safe around train.py's loop, in a few calls:
+    - stop requests: SIGTERM / SIGINT let the step (or the validation batch) finish, then every rank saves
+      and stops together; a second SIGINT (Ctrl-C twice) stops at once;
+    - bad data: a batch that could not be read stops every rank, with last.pt at the state before the step;
+    - non-finite steps are skipped on the device and counted (the caller stops the run after too many);
+    - one agreement per step across ranks: a stop request or a failed save on any rank stops all of them;
+    - the readers' positions in tar shards after the batches trained on (what last.pt keeps);
+    - the samples skipped under --skip-bad, for the report at the end."""
+
+    def __init__(self, world, device):
+        self.agree = Agreement(world)
+        self.signal, self.stopping, self.error = None, False, None
+        self.bad_total, self.bad_streak = torch.zeros((), device=device), torch.zeros((), device=device)
+        self.where, self.skipped, self.val_skipped = None, [], set()
+
+    def catch_signals(self):
+        """From here on SIGTERM / SIGINT ask for a stop (train.main gives the caller's handlers back)."""
+        def on_signal(signum, frame):
+            if self.signal is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            self.signal = signum
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, on_signal)
+
+    def stop_requested(self):
+        return self.signal is not None
+
+    def vote(self, failed=None):
+        """Every rank, once per step: agree on a stop request or a failed save (which stops every rank)."""
+        code = self.agree((STOP if self.signal is not None else 0) | (SAVE_FAILED if failed else 0))
+        self.stopping = bool(code & STOP)
+        self.settle_code(code, failed)
+
+    def settle(self, failed):
+        """After a final save: every rank stops with an error if rank 0's failed."""
+        self.settle_code(self.agree(SAVE_FAILED if failed else 0), failed)
+
+    @staticmethod
+    def settle_code(code, failed):
+        if code & SAVE_FAILED:
+            raise SystemExit(failed or "rank 0 could not write a checkpoint; stopping")
+
+    # -- the data of a step --
+
+    def track_shards(self, positions):
+        self.where = positions  # shards.Positions of this rank's readers (empty without shards)
+
+    def start_step(self, seen):
+        self.before = dict(seen), self.where.copy()
+
+    def take(self, batch, kind, seen):
+        """A batch from the loader: counted as seen, its shard position kept. All ranks vote on bad data: ->
+        the batch, or None when a rank met a bad sample (seen is back at the step's start)."""
+        seen[kind] += 1
+        self.where.keep(kind, batch)
+        self.error = batch.get("error")
+        if self.agree(BAD_DATA if self.error else 0) & BAD_DATA:
+            seen.update(self.before[0])
+            return None
+        self.skipped.extend(batch.pop("skipped"))
+        return batch
+
+    def stop_on_bad_data(self, failed):
+        """After last.pt was written at the state before the step (failed: why it could not be)."""
+        raise SystemExit(f"bad sample: {self.error}\n(pass --skip-bad to skip and count such samples)" if self.error
+                         else "another rank met a bad sample (see its message); stopping"
+                         + (f"; {failed}" if failed else ""))
+
+    def positions(self):
+        """Every rank together (a collective): the readers' positions, for last.pt."""
+        return self.where.gathered(self.agree.gather)
+
+    def positions_before(self):
+        return self.before[1].gathered(self.agree.gather)
+
+    # -- non-finite steps --
+
+    def skip_if_nonfinite(self, opt, norm):
+        """A non-finite gradient norm skips the step on the device: fused AdamW leaves the weights (and its
+        step count) untouched when found_inf is 1, as under GradScaler. No host sync."""
+        found_inf = (~torch.isfinite(norm)).float()
+        opt.found_inf = found_inf
+        self.bad_total += found_inf
+        self.bad_streak = (self.bad_streak + 1) * found_inf
+
+    def nonfinite_counts(self):
+        """(non-finite steps so far, in a row now): a host sync, once per log interval."""
+        return int(self.bad_total.item()), int(self.bad_streak.item())
+
+    # -- skipped samples --
+
+    def report_skipped_in_validation(self, bad):
+        for why in bad:
+            if why not in self.val_skipped:
+                self.val_skipped.add(why)
+                print(f"validation skipped {why}")
+
+    def all_skipped(self):
+        """Every rank's skipped training samples (a collective)."""
+        return [why for part in self.agree.gather(self.skipped) for why in part]

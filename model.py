@@ -9,13 +9,14 @@
     5   MVSC                  20% of patches    full          B             MVSC pred, MLSC target
     6   MLSC                  full              40% [MASK]    B             MLSC pred, MVSC target
 
-A loss weight of 0 in Config skips that loss's passes.
+A loss weight of 0 in Config skips that loss's passes; with one of MVSC and MLSC off, the other takes its
+target from the complete pair (pass 3's positives, or B complete pairs added to the fusion call).
 """
 import json
 import math
 import re
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn as nn
@@ -56,12 +57,18 @@ class Config:
     n_answers: int = 0              # > 0 adds the VQA head (fine-tuning)
     nlvr2: bool = False             # adds the NLVR2 head and a third modality row, the right image's (METHOD.md §7.3)
     dropout: float = 0.1            # text encoder and fusion layers, where BERT/METER put it; none in the ViT
-    # pre-training losses (METHOD.md §6.6): a weight of 0 skips the loss's passes
+    # pre-training losses (METHOD.md §6.6): the one list of losses. Each w_<name> weighs the term <name> that
+    # forward returns; the flags, the logged terms and the curves follow this list. A weight of 0 skips the
+    # loss's passes.
     w_itc: float = 0.5
     w_itm: float = 1.0
     w_mlm: float = 1.0
-    w_scl: float = 1.0              # MVSC + MLSC
-    image_mask_ratio: float = 0.8   # MVSC drops this fraction of patches (tube masking)
+    w_mvsc: float = 1.0
+    w_mlsc: float = 1.0
+    # what the masked passes hide
+    mlm_ratio: float = 0.15         # MLM: share of the words selected (80% [MASK], 10% random, 10% kept)
+    image_mask_ratio: float = 0.8   # MVSC: share of the patches dropped (tube masking)
+    text_mask_ratio: float = 0.4    # MLSC: share of the words replaced by [MASK]
     # ITM negatives: this share drawn uniformly, the rest hard (from the ITC similarity; ALBEF draws all
     # hard, the release all at random). Hard negatives alone give an encoder trained from zero nothing to
     # learn from: early on every hard pair is a near-twin, and the ITM head sits at its 1-in-3 prior.
@@ -70,10 +77,12 @@ class Config:
     itc_temperature: float = 0.07   # initial value; learned, logit scale clamped at 100
 
 
+LOSSES = tuple(f.name[2:] for f in fields(Config) if f.name.startswith("w_"))  # itc, itm, mlm, mvsc, mlsc
+
+
 CONFIGS = {
     # CPU demo and tests: 64 px images with 8 px patches, a trained WordPiece vocabulary. No dropout: the
-    # 200-step demo underfits (its last ITC loss is 2.9 without dropout, 4.1 with 0.05, 5.3 with 0.1), and
-    # dropout cost recall: mean ITC R@1/5/10 after pre-training 52 without, 44 with 0.05, 34 with 0.1
+    # 200-step demo underfits, and dropout made its loss and its recall worse (RESULTS.md, "Dropout")
     "tiny": Config(vocab_size=4096, text_width=128, text_layers=2, text_heads=2, text_ffn=512, max_positions=64,
                    image_size=64, patch_size=8, vision_width=128, vision_layers=2, vision_heads=2,
                    hidden=128, fusion_layers=2, fusion_heads=2, fusion_ffn=512, embed_dim=64, dropout=0.0),
@@ -153,10 +162,10 @@ class MLMHead(nn.Module):
 
     The decoder is its own matrix, never tied to the text encoder's word embeddings (METER and the
     release do the same). Tied, it is trained at the encoders' learning rate from BERT's 0.02 init,
-    and ITC's gradient moves it too, since ITC reshapes the word embeddings: after the 200-step demo
-    the fused MLM stayed at 3.3 nats and named no colour right (7% of masked content words), and it
-    fell to 1.2 nats untied. From a pretrained BERT the tie would only lend the embeddings as the
-    decoder's starting point; BERT's own prediction head is not loaded either way.
+    and ITC's gradient moves it too, since ITC reshapes the word embeddings: on the demo the tied
+    decoder's fused MLM learned far less and named no colour right (RESULTS.md, "The untied MLM
+    decoder"). From a pretrained BERT the tie would only lend the embeddings as the decoder's
+    starting point; BERT's own prediction head is not loaded either way.
     """
 
     def __init__(self, dim, vocab, eps):
@@ -202,8 +211,8 @@ class SCLModel(nn.Module):
         """Linear and conv weights normal with std 1/sqrt(fan_in), biases 0; embeddings normal 0.02
         (BERT). BERT's fixed 0.02 for every weight is about 1/sqrt(fan_in) at width 768, but at the
         tiny preset's width 128 it leaves every caption's [CLS] (and every image's) nearly the same
-        vector (cosine 0.9999), and ITC did not move off chance in 300 demo steps; 1/sqrt(fan_in)
-        learns at every width. The exceptions:
+        vector, and ITC did not move off chance on the demo; 1/sqrt(fan_in) learns at every width.
+        The exceptions:
         - LayerNorm: weight 1, bias 0;
         - CLIP's class and position embeddings: normal with std width^-0.5;
         - the temporal embedding: zeros (METHOD.md §2.2);
@@ -330,18 +339,20 @@ class SCLModel(nn.Module):
         image_ids = batch.get("image_ids")                                       # (B,) or None: all different
         B = ids.shape[0]
         v = self.embed_vision(pixels)                                            # (B, T, 1+N, H)
-        # one text-encoder call for the full, MLM-masked and SCL-masked texts
-        texts = [ids] + [batch["mlm_ids"]] * bool(c.w_mlm) + [batch["scl_ids"]] * bool(c.w_scl)
-        t, *masked = self.embed_text(torch.cat(texts), mask.repeat(len(texts), 1)).split(B)  # k x (B, L, H)
-        zero = v.new_zeros((), dtype=torch.float32)
-        out = dict(itc=zero, itm=zero, mlm=zero, mvsc=zero, mlsc=zero)
+        # one text-encoder call for the full text t, the MLM-masked t_mlm and the MLSC-masked t_scl
+        texts = [ids, batch["mlm_ids"] if c.w_mlm else None, batch["scl_ids"] if c.w_mlsc else None]
+        run = [x for x in texts if x is not None]
+        encoded = iter(self.embed_text(torch.cat(run), mask.repeat(len(run), 1)).split(B))  # (B, L, H) each
+        t, t_mlm, t_scl = (None if x is None else next(encoded) for x in texts)
+        out = dict.fromkeys(LOSSES, v.new_zeros((), dtype=torch.float32))
 
         if c.w_itc or c.w_itm:
             img, txt = self.itc_vision(self.vision_global(v)), self.itc_text(t[:, 0])  # (B, E) each
             scale = self.logit_scale.exp()
             out["itc"] = contrastive(img.float(), txt.float(), scale, image_ids)
-        # every pair fused with the FULL clip goes through one fusion call: ITM's 3B pairs, MLM's B and
-        # MLSC's B (fewer, larger kernels, and one compiled graph per modality); rows never interact
+        # Every pair fused with the FULL clip goes through ONE fusion call: ITM's 3B pairs, MLM's B and
+        # MLSC's B. Rows of a batch never interact in the fusion, so this equals separate calls, with fewer
+        # and larger kernels and one compiled graph per modality instead of one per pass.
         pairs = {}                                                               # name -> (texts, masks, clips)
         if c.w_itm and B >= 2:  # a hard negative needs another pair in the batch
             with torch.no_grad():
@@ -350,9 +361,11 @@ class SCLModel(nn.Module):
             pairs["itm"] = (torch.cat([t, t[neg_t], t]), torch.cat([mask, mask[neg_t], mask]),  # (3B, L, H)
                             torch.cat([v, v, v[neg_v]]))                                   # (3B, T, 1+N, H)
         if c.w_mlm:
-            pairs["mlm"] = (masked[0], mask, v)
-        if c.w_scl:
-            pairs["mlsc"] = (masked[-1], mask, v)
+            pairs["mlm"] = (t_mlm, mask, v)
+        if c.w_mlsc:
+            pairs["mlsc"] = (t_scl, mask, v)
+        if bool(c.w_mvsc) != bool(c.w_mlsc) and "itm" not in pairs:  # the complete pair, as the target below
+            pairs["whole"] = (t, mask, v)
         fused = {}                                                               # name -> (fused t, fused v)
         if pairs:
             sizes = [p[0].shape[0] for p in pairs.values()]
@@ -363,15 +376,22 @@ class SCLModel(nn.Module):
             out["itm"] = itm_loss(self.itm_head(self.pool(*fused["itm"])), labels)
         if c.w_mlm:
             out["mlm"] = mlm_loss(self.mlm_head(fused["mlm"][0]), batch["mlm_labels"])
-        if c.w_scl:
-            # each SCL pass gives one loss's prediction and the other's (detached) target
-            t_full, v_part = self.fuse(t, mask, self.embed_vision(pixels, c.image_mask_ratio))  # masked patches
-            t_part, v_full = fused["mlsc"]                                                   # masked words
-            out["mvsc"] = semantic_completion(self.vision_global(v_part), self.vision_global(v_full),
-                                              c.scl_temperature)
-            out["mlsc"] = semantic_completion(t_part[:, 0], t_full[:, 0], c.scl_temperature)
-        out["loss"] = (c.w_itc * out["itc"] + c.w_itm * out["itm"] + c.w_mlm * out["mlm"]
-                       + c.w_scl * (out["mvsc"] + out["mlsc"]))
+        if c.w_mvsc or c.w_mlsc:
+            # Semantic completion (METHOD.md §6.4-6.5): the masked pass predicts the complete sample's fused
+            # global feature. Each SCL pass gives one loss's prediction and the other's target: the MLSC pass
+            # sees every patch (MVSC's target), the MVSC pass every word (MLSC's). With one of the two off,
+            # the target comes from the complete pair (ITM's positives are its first B rows). The targets
+            # are detached in the loss: the gradient reaches the masked pass only.
+            whole = [x[:B] for x in fused.get("itm", fused.get("whole", ()))]    # (t, v) of the complete pairs
+            t_whole, v_part = self.fuse(t, mask, self.embed_vision(pixels, c.image_mask_ratio)) if c.w_mvsc \
+                else (whole[0], None)                                            # masked patches, full text
+            t_part, v_whole = fused["mlsc"] if c.w_mlsc else (None, whole[1])    # masked words, full clip
+            if c.w_mvsc:
+                out["mvsc"] = semantic_completion(self.vision_global(v_part), self.vision_global(v_whole),
+                                                  c.scl_temperature)
+            if c.w_mlsc:
+                out["mlsc"] = semantic_completion(t_part[:, 0], t_whole[:, 0], c.scl_temperature)
+        out["loss"] = sum(getattr(c, "w_" + name) * out[name] for name in LOSSES)
         return out
 
     # -- pretrained weights --------------------------------------------------------------------------
@@ -471,7 +491,12 @@ def fit_modality_rows(state, rows):
 def config_from_checkpoint(saved):
     """asdict(Config) as saved in a checkpoint -> Config. A field added since the save takes the value the
     run had, not today's default: checkpoints from before dropout existed were trained without it, and
-    those from before itm_random with hard ITM negatives only."""
+    those from before itm_random with hard ITM negatives only; one SCL weight (w_scl) weighed both MVSC
+    and MLSC."""
+    saved = dict(saved)
+    if "w_scl" in saved:
+        w = saved.pop("w_scl")
+        saved = {"w_mvsc": w, "w_mlsc": w, **saved}
     return Config(**{"dropout": 0.0, "itm_random": 0.0, **saved})
 
 

@@ -155,9 +155,11 @@ def write_attention_png(model, tokenizer, image, caption, out_png, image_size=22
 # -----------------------------------------------------------------------------
 # training curves: metrics.jsonl -> one PNG, a panel per quantity (PIL only)
 
-LOSS_TERMS = ("loss", "itc", "itm", "mlm", "mvsc", "mlsc", "vqa")  # the keys train.py logs
-TITLES = {"loss": "total loss", "itc": "ITC loss", "itm": "ITM loss", "mlm": "MLM loss", "mvsc": "MVSC loss",
-          "mlsc": "MLSC loss", "vqa": "VQA loss", "val": "validation score", "val image": "validation score, image",
+# the keys of a line of metrics.jsonl that are not curves of their own; every other number is one: the
+# learning rate and each loss term (train.py logs every term the model's forward returns), so a new loss
+# gets its panel without a change here
+NOT_CURVES = {"step", "nonfinite_steps", "samples_per_s", "val"}
+TITLES = {"loss": "total loss", "val": "validation score", "val image": "validation score, image",
           "val video": "validation score, video", "lr": "learning rate"}
 RUN_COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
               (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]  # one per run, in order
@@ -200,10 +202,18 @@ def read_curves(path):
                 for kind in ("image", "video"):  # both ran: {"image": {...}, "video": {...}, "score": mean}
                     if isinstance(val.get(kind), dict):
                         add(f"val {kind}", step, val[kind].get("score"), n)
-            for key in LOSS_TERMS + ("lr",):
-                if key in entry:
+            for key in entry:  # a training line: the learning rate and every loss term logged
+                if key not in NOT_CURVES:
                     add(key, step, entry[key], n)
     return {k: sorted(v, key=lambda p: p[0]) for k, v in curves.items()}
+
+
+def panel_names(curves):
+    """The panels of a picture of runs' curves ([read_curves of each]), in order: the total loss, each loss
+    term in the order first logged, the validation scores, the learning rate."""
+    found = list(dict.fromkeys(k for c in curves for k in c))
+    return [k for k in ("loss", *(k for k in found if k not in TITLES), "val", "val image", "val video", "lr")
+            if k in found]
 
 
 def nice_range(lo, hi, ticks=5):
@@ -256,7 +266,7 @@ def plot_curves(runs, out_png, labels=None):
     if len(labels) != len(paths):
         raise ValueError(f"{len(labels)} labels for {len(paths)} runs")
     curves = [read_curves(p) for p in paths]
-    names = [k for k in TITLES if any(k in c for c in curves)]
+    names = panel_names(curves)
     font = ImageFont.load_default()
 
     # the legend: a line swatch and the label per run, wrapped to the picture's width
@@ -295,7 +305,7 @@ def plot_curves(runs, out_png, labels=None):
         finite = [v for c in curves for s, v in c.get(name, []) if math.isfinite(v)]
         y0, y1, ystep = nice_range(min(finite), max(finite)) if finite else (0.0, 1.0, 0.5)
         left, top, right, bottom = box
-        draw.text((left - 4, oy + 8), TITLES[name], fill=INK, font=font)
+        draw.text((left - 4, oy + 8), TITLES.get(name, f"{name.upper()} loss"), fill=INK, font=font)
         for k in range(round((y1 - y0) / ystep) + 1):
             v = y0 + k * ystep
             _, py = to_pixels(x0, v, (x0, x1), (y0, y1), box)
@@ -322,7 +332,7 @@ def plot_curves(runs, out_png, labels=None):
                     for px, py in xy:
                         draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=color)
                 draw.point(xy, fill=color)  # a wide line can miss its own vertices by a pixel
-        panels.append(dict(title=TITLES[name], box=box, xlim=(x0, x1), ylim=(y0, y1)))
+        panels.append(dict(title=TITLES.get(name, f"{name.upper()} loss"), box=box, xlim=(x0, x1), ylim=(y0, y1)))
     save_png(im, out_png)
     return panels
 

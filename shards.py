@@ -16,7 +16,7 @@ and its position (the next sample to read, the draws made, what the buffer holds
 every batch carries its reader's position, the checkpoint keeps those of the batches trained on, and
 --resume continues each reader exactly where it was.
 
-    python data.py shard coco_train.jsonl --out shards/coco --per-shard 1000
+    python prepare_data.py shard coco_train.jsonl --out shards/coco --per-shard 1000
 """
 import glob
 import hashlib
@@ -29,7 +29,7 @@ import tarfile
 
 import torch
 
-from data import DataError, item_seed, load_image, load_video, swap_left_right
+from data import DataError, Member, item_seed, load_image, load_video, swap_left_right
 
 MEDIA = {"image": ("jpg", "jpeg", "png", "webp"), "video": ("mp4", "webm")}
 MEDIA_EXTS = {e for exts in MEDIA.values() for e in exts}
@@ -42,17 +42,6 @@ BLOCK = tarfile.BLOCKSIZE
 class ShardError(DataError):
     """A tar shard that is cut or corrupt; the message names the shard and the key where it breaks."""
 
-
-class Member(io.BytesIO):
-    """The bytes of one file inside a shard. str() is `shard.tar:key.ext`, so the messages of data.py's
-    image and video loaders name the shard and the key."""
-
-    def __init__(self, data, label):
-        super().__init__(data)
-        self.label = label
-
-    def __str__(self):
-        return self.label
 
 # -- which files ---------------------------------------------------------------------------------------
 
@@ -253,16 +242,6 @@ def captions_for_vocabulary(shards, n=VOCAB_SHARDS):
             pass  # the stream meets and reports the same break when it reads this shard
     return texts
 
-
-def open_member(row):
-    """The media of a scanned row (scan_rows) as a Member."""
-    path, offset, size = row["member"]
-    with open(path, "rb") as f:
-        f.seek(offset)
-        data = f.read(size)
-    if len(data) < size:
-        raise DataError(f"{row['path']}: the shard is cut inside this file")
-    return Member(data, row["path"])
 
 # -- streaming: readers, shuffle buffer, positions --------------------------------------------------------
 

@@ -5,6 +5,9 @@
         --text roberta-base/ --vision ViT-B-16.pt     # the paper's recipe (METHOD.md §9)
     torchrun --nproc_per_node 8 train.py ...          # multi-GPU / multi-node
     python train.py --task retrieval --init runs/demo/last.pt ...   # fine-tuning (METHOD.md §7): retrieval, vqa, nlvr2
+
+Reading order: `train` (the run, top to bottom), `train_steps` (the loop), then model.py's `forward`. The
+run's safety (signals, votes across ranks, skipped steps, atomic saves) is behind a few calls into guard.py.
 """
 import argparse
 import inspect
@@ -16,30 +19,28 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, make_dataclass, replace
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from data import Collator, DataError, PairDataset, Tokenizer, item_seed, read_jsonl
-from demo import make_demo
-from eval import Interrupted, build_answer_vocab, evaluate_nlvr2, evaluate_retrieval, evaluate_vqa, soft_targets
-from guard import (BAD_DATA, SAVE_FAILED, STOP, Agreement, check_flags, check_model_flags, check_task_rows,
-                   check_unlocked, claim_run_folder, load_checkpoint, save_checkpoint, stop_workers)
-from model import (CONFIGS, PRECISIONS, Config, SCLModel, autocast, config_from_checkpoint, fit_modality_rows,
-                   resolve_precision, saved_weights, text_config)
-from pictures import plot_curves
-from shards import (Positions, Shards, ShardStream, WithPosition, captions_for_vocabulary, is_shards, open_shards,
-                    scan_rows)
+from batches import VQACollator, data_sets, loader
+from data import Collator, DataError, Tokenizer, item_seed, read_jsonl
+from eval import Interrupted, build_answer_vocab, evaluate_nlvr2, evaluate_retrieval, evaluate_vqa
+from guard import (RunGuard, check_flags, check_model_flags, check_task_rows, check_unlocked, claim_run_folder,
+                   load_checkpoint, save_checkpoint, stop_workers)
+from model import (CONFIGS, LOSSES, PRECISIONS, Config, SCLModel, autocast, config_from_checkpoint,
+                   fit_modality_rows, resolve_precision, saved_weights, text_config)
+from shards import Positions, Shards, ShardStream, captions_for_vocabulary, is_shards, open_shards, scan_rows
 
 
 TASKS = ("pretrain", "retrieval", "vqa", "nlvr2")
 
 
 @dataclass
-class TrainConfig:
+class Settings:
     data: str = ""                # image-text (or VQA) jsonl, or tar shards (README "Large data"); empty: the demo set
     video_data: str = ""          # video-text jsonl or tar shards, mixed with the image batches
     val_data: str = ""            # validation jsonl or shards (images/videos, each at its own size); empty: the demo's
@@ -63,13 +64,6 @@ class TrainConfig:
     warmup: float = 0.1           # fraction of steps of linear warm-up, then linear decay to 0
     beta2: float = 0.98           # AdamW beta2 (beta1 is 0.9)
     clip_grad: float = 1.0        # max gradient norm; 0 disables
-    w_itc: float = -1.0           # ITC loss weight; -1 keeps the task's (0.5); 0 skips its passes
-    w_itm: float = -1.0           # ITM loss weight; -1 keeps the task's (1)
-    w_mlm: float = -1.0           # MLM loss weight; -1 keeps the task's (1 in pre-training)
-    w_scl: float = -1.0           # SCL (MVSC + MLSC) loss weight; -1 keeps the task's (1 in pre-training)
-    image_mask_ratio: float = -1.0  # MVSC patch drop ratio; -1 keeps the model config's (0.8)
-    itm_random: float = -1.0      # share of ITM negatives drawn at random, the rest hard; -1: the model config's (0.5)
-    dropout: float = -1.0         # text encoder and fusion dropout; -1 keeps the model config's (0.1; tiny 0)
     image_size: int = 0           # training/eval image size; 0: the model's pretraining grid (paper: 288)
     video_size: int = 0           # 0: image_size (paper: 224)
     frames: int = 4               # frames per video clip
@@ -91,12 +85,31 @@ class TrainConfig:
     grad_checkpointing: bool = False  # recompute activations in the backward pass to save memory
 
 
+# The model Config fields a flag sets for this run (-1 keeps the task's or the checkpoint's value): every loss
+# weight of Config's one list of losses, what the masked passes hide, ITM's random share and dropout. --init
+# takes a checkpoint's weights and resets all but dropout to Config's defaults: the recipe is the task's.
+MODEL_FLAGS = (*(f"w_{name}" for name in LOSSES), "mlm_ratio", "image_mask_ratio", "text_mask_ratio", "itm_random",
+               "dropout")
+INIT_RESETS = tuple(name for name in MODEL_FLAGS if name != "dropout")
+TrainConfig = make_dataclass("TrainConfig", [(name, float, -1.0) for name in MODEL_FLAGS], bases=(Settings,))
+
 CHOICES = {"task": TASKS, "config": tuple(CONFIGS), "precision": PRECISIONS}
-# model-config fields a flag sets (-1: keep); --init takes a checkpoint's weights, not these
-LOSS_SETTINGS = ("w_itc", "w_itm", "w_mlm", "w_scl", "image_mask_ratio", "itm_random")
 # what may differ on --resume; everything else is the run's and is restored from the checkpoint
 RESUMABLE = {"steps", "workers", "eval_every", "save_every", "log_every", "max_bad_steps", "skip_bad", "device",
              "precision", "compile", "grad_checkpointing", "resume", "out"}
+
+
+def _comments(cls):
+    """{field: its comment} from a dataclass's source."""
+    return dict(re.findall(r"^    (\w+): \w+ = .*?# (.*)$", inspect.getsource(cls), re.M))
+
+
+def _help(name, settings=_comments(Settings), model=_comments(Config)):
+    """A flag's help: the field's comment (argparse formats it: a % is written %%)."""
+    if name in settings:
+        return settings[name].replace("%", "%%")
+    what = f"{name[2:].upper()} loss weight; 0 skips its passes" if name.startswith("w_") else model.get(name, name)
+    return f"{what}; -1: the task's, else the model's ({getattr(Config(), name)})".replace("%", "%%")
 
 
 def _parser(given_only=False):
@@ -104,9 +117,8 @@ def _parser(given_only=False):
     so the namespace holds just the flags on the command line."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 argument_default=argparse.SUPPRESS if given_only else None)
-    comments = dict(re.findall(r"^    (\w+): \w+ = .*?# (.*)$", inspect.getsource(TrainConfig), re.M))
     for f in fields(TrainConfig):
-        flag, help = "--" + f.name.replace("_", "-"), comments.get(f.name, f.name)
+        flag, help = "--" + f.name.replace("_", "-"), _help(f.name)
         kw = {} if given_only else dict(default=f.default)
         if f.type in (bool, "bool"):
             p.add_argument(flag, action="store_true", help=help, **kw)
@@ -128,113 +140,6 @@ def given_flags(argv):
     if isinstance(argv, TrainConfig):
         return {f.name for f in fields(TrainConfig) if getattr(argv, f.name) != f.default}
     return set(vars(_parser(given_only=True).parse_args(argv)))
-
-
-# -- data -------------------------------------------------------------------------------------------
-
-class Stream(torch.utils.data.Sampler):
-    """Endless batches of (epoch, index) keys for one rank, starting after `seen` batches.
-
-    Each epoch is a seeded permutation cut into global batches of world x batch indices; rank r
-    takes slice r of each. So one process with batch W*B sees exactly the concatenation of what
-    W ranks see with batch B, and a resumed run continues from the same position.
-    """
-
-    def __init__(self, n, batch, rank, world, seed, seen=0):
-        self.n, self.batch, self.rank, self.world, self.seed, self.seen = n, batch, rank, world, seed, seen
-        self.per_epoch = n // (batch * world)
-        if self.per_epoch == 0:
-            raise ValueError(f"{n} samples cannot fill one global batch of {batch} x {world} ranks")
-
-    def __iter__(self):
-        b, epoch, perm = self.seen, None, None
-        while True:
-            e, pos = divmod(b, self.per_epoch)
-            if e != epoch:  # one permutation per epoch (10M samples: ~1 s), not one per batch
-                epoch, perm = e, torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + e))
-            start = (pos * self.world + self.rank) * self.batch
-            yield [(epoch, i) for i in perm[start:start + self.batch].tolist()]
-            b += 1
-
-
-class Epoched(torch.utils.data.Dataset):
-    """PairDataset addressed by (epoch, index), so augmentations differ by epoch in every worker.
-
-    With skip_bad, an unreadable sample is replaced by the next readable one of the data set (i + 1,
-    i + 2, ...: deterministic, so a resumed run sees the same batches), and the replacement carries
-    the reasons: every batch keeps its size, so DDP ranks stay in step and the gathered losses keep
-    their shapes. Without skip_bad the error travels to the main process as {"error": why}, which
-    stops the run naming the file and line (an exception raised in a worker would arrive with the
-    worker's traceback glued into its message)."""
-
-    def __init__(self, ds, skip_bad=False, max_replaced=100):
-        self.ds, self.skip_bad, self.max_replaced = ds, skip_bad, max_replaced
-
-    def __len__(self):
-        return len(self.ds)
-
-    def __getitem__(self, key):
-        self.ds.epoch, i = key
-        bad = []
-        for k in range(self.max_replaced):
-            try:
-                item = self.ds[(i + k) % len(self.ds)]
-            except DataError as e:
-                return {"error": str(e)}
-            if "bad" not in item:  # one skip per drawn sample (candidates tried after it do not count)
-                return dict(item, replaced=bad[:1])
-            bad.append(item["bad"])
-        return {"error": f"{self.max_replaced} samples in a row had no readable file, from {bad[0]} to {bad[-1]}"}
-
-
-class TrainCollator:
-    """The data collator (or the VQA one) plus the replaced samples' reasons; a sample's error wins."""
-
-    def __init__(self, collate):
-        self.collate = collate
-
-    def __call__(self, samples):
-        errors = [s["error"] for s in samples if "error" in s]
-        if errors:
-            return {"error": errors[0]}
-        batch = self.collate(samples)
-        batch["skipped"] = [why for s in samples for why in s["replaced"]]
-        return batch
-
-
-class VQACollator:
-    """The text collator plus soft answer targets for VQA fine-tuning (METHOD.md §7)."""
-
-    def __init__(self, collate, answers):
-        self.collate, self.answers = collate, answers
-        self.index = {a: i for i, a in enumerate(answers)}
-
-    def __call__(self, samples):
-        batch = self.collate(samples)
-        batch["vqa_targets"] = torch.stack([soft_targets(a, self.index) for a in batch.pop("answers")])
-        for k in ("mlm_ids", "mlm_labels", "scl_ids"):
-            batch.pop(k)
-        return batch
-
-
-def ignore_signals(worker_id):
-    """DataLoader workers leave SIGTERM/SIGINT to the main process: a scheduler signals the whole
-    process group, and a worker that died of it would take the run down before it could save."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def loader(ds, cfg, collate, batch, rank, world, seen):
-    common = dict(num_workers=cfg.workers, pin_memory=torch.cuda.is_available(), persistent_workers=cfg.workers > 0,
-                  worker_init_fn=ignore_signals)
-    if isinstance(ds, ShardStream):  # each worker streams batches of its own shards (shards.py)
-        return iter(torch.utils.data.DataLoader(ds, batch_size=None, collate_fn=WithPosition(TrainCollator(collate)),
-                                                **common))
-    stream = Stream(len(ds), batch, rank, world, cfg.seed, seen)
-    # the loader's own generator keeps worker seeding off the global RNG (exact resume)
-    dl = torch.utils.data.DataLoader(Epoched(ds, cfg.skip_bad), batch_sampler=stream,
-                                     collate_fn=TrainCollator(collate), generator=torch.Generator(), **common)
-    return iter(dl)
 
 
 def is_video_step(i, ratio):
@@ -271,6 +176,8 @@ def resume_settings(cfg, given, saved):
     """The run's saved TrainConfig, with the few flags that may change on resume taken from the command
     line. A flag given with a value different from the run's is an error."""
     known = {f.name for f in fields(TrainConfig)}
+    if "w_scl" in saved:  # a run from before MVSC and MLSC had a weight each
+        saved = {"w_mvsc": saved["w_scl"], "w_mlsc": saved["w_scl"], **saved}
     saved = TrainConfig(**{k: tuple(v) if k == "answer_data" else v for k, v in saved.items() if k in known})
     for name in sorted(given - RESUMABLE):
         if getattr(cfg, name) != getattr(saved, name):
@@ -282,7 +189,7 @@ def resume_settings(cfg, given, saved):
                if getattr(cfg, n) != getattr(saved, n)}
     return replace(saved, **changed, out=cfg.out, resume=True, overwrite=False), changed
 
-# -- the run ----------------------------------------------------------------------------------------
+# -- start-up: settings, data, tokenizer, model ---------------------------------------------------------
 
 
 def setup_distributed(cfg):
@@ -299,6 +206,41 @@ def setup_distributed(cfg):
     return rank, world, torch.device("cpu")
 
 
+def starting_point(cfg, given, master):
+    """-> (settings, checkpoint or None): on --resume the run's own settings and last.pt; with --init the
+    checkpoint whose weights fine-tuning starts from."""
+    if cfg.resume:
+        last = os.path.join(cfg.out, "last.pt")
+        if not os.path.exists(last):
+            raise SystemExit(f"--resume: no checkpoint at {last}")
+        ckpt = load_checkpoint(last)
+        saved = ckpt.get("train_config") or {}
+        cfg, changed = resume_settings(cfg, given, saved)
+        if master:
+            print(f"resuming {last} at step {ckpt['step']} with the run's settings"
+                  + "".join(f"; {k} {saved.get(k)} -> {getattr(cfg, k)}" for k in changed))
+        return cfg, ckpt
+    return cfg, load_checkpoint(cfg.init) if cfg.init else None
+
+
+def with_demo_data(cfg, master, world):
+    """Without --data and --video-data: the built-in demo set (written by rank 0 first)."""
+    if cfg.data or cfg.video_data:
+        return cfg
+    if cfg.task in ("vqa", "nlvr2"):
+        raise SystemExit(f"--task {cfg.task} needs --data (e.g. demo/{cfg.task}_train.jsonl from "
+                         f"`python prepare_data.py demo`)")
+    from demo import make_demo  # only the demo run needs the demo writer
+    folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo")
+    demo = make_demo(folder) if master else None
+    if world > 1:
+        dist.barrier()
+        demo = make_demo(folder)
+    # the demo's clips are 64 px; 32 px x 4 frames keeps a video step as cheap as an image step on a CPU
+    return replace(cfg, data=demo["images_train"], video_data=demo["videos_train"],
+                   val_data=cfg.val_data or demo["images_val"], video_size=cfg.video_size or 32)
+
+
 def read_rows(path, cfg, skipped, kind=None):
     """jsonl rows; tar shards: for training (kind given) the Shards, for validation the rows scanned from them."""
     if not path:
@@ -312,16 +254,199 @@ def read_rows(path, cfg, skipped, kind=None):
         raise SystemExit(f"{e}\n(pass --skip-bad to skip and count such rows)") from None
 
 
+def read_data(cfg, skipped):
+    """{"image": rows or Shards, "video": rows or Shards, "val": rows}, checked at start-up: malformed lines,
+    empty captions, missing files, rows that do not fit the task."""
+    data = {k: read_rows(path, cfg, skipped, k) for k, path in (("image", cfg.data), ("video", cfg.video_data))}
+    if not any(data.values()):
+        raise SystemExit("no training data: give --data and/or --video-data")
+    if any(isinstance(d, Shards) for d in data.values()) and cfg.task in ("vqa", "nlvr2"):
+        raise SystemExit(f"--data {cfg.data}: tar shards hold image-text pairs; {cfg.task.upper()} fine-tuning "
+                         "reads a jsonl")
+    data["val"] = read_rows(cfg.val_data, cfg, skipped)
+    check_task_rows(cfg.task, {"--data": rows_of(data["image"]), "--video-data": rows_of(data["video"]),
+                               "--val-data": data["val"]})
+    return data
+
+
+def rows_of(d):
+    """The jsonl rows of a training set ([] for streamed shards)."""
+    return [] if isinstance(d, Shards) else d
+
+
+def make_tokenizer(cfg, ckpt, data):
+    """The checkpoint's, the pretrained text model's, or one trained on the captions."""
+    if ckpt is not None:
+        return Tokenizer.from_str(ckpt["tokenizer"])
+    if cfg.text:
+        return Tokenizer.from_pretrained(cfg.text)
+    rows = rows_of(data["image"]) + rows_of(data["video"])
+    texts = [c for r in rows for c in r["captions"] + [r.get("question", "")] if c]
+    texts += [c for d in data.values() if isinstance(d, Shards) for c in captions_for_vocabulary(d)]  # first shards
+    return Tokenizer.train(texts, cfg.vocab_size)
+
+
+def answer_vocabulary(cfg, ckpt, data):
+    """VQA's answers (None for other tasks): the run's on resume, else those of --answer-data (the paper: train +
+    val) or of --data seen at least --min-answer-count times."""
+    if cfg.task != "vqa":
+        return None
+    answers = ckpt.get("answers") if cfg.resume else None
+    if not answers:
+        rows = [r for path in cfg.answer_data for r in read_rows(path, cfg, [])] if cfg.answer_data \
+            else rows_of(data["image"]) + rows_of(data["video"])
+        answers = build_answer_vocab(rows, cfg.min_answer_count)
+    if not answers:
+        raise SystemExit(f"no answer is seen {cfg.min_answer_count} times in "
+                         f"{', '.join(cfg.answer_data) or cfg.data}: lower --min-answer-count")
+    return answers
+
+
+def model_config(cfg, saved=None, tokenizer=None, n_answers=0):
+    """The model Config of a run, from its settings alone. saved: the checkpoint's asdict(Config) (on resume it
+    is the run's; with --init the weights' sizes, with the recipe reset to the task's); tokenizer: the one
+    trained on the captions when no text weights are given."""
+    if cfg.resume:
+        return config_from_checkpoint(saved)
+    if saved is not None:
+        defaults = Config()
+        config = replace(config_from_checkpoint(saved), n_answers=0, **{k: getattr(defaults, k) for k in INIT_RESETS})
+    elif cfg.text:
+        config = CONFIGS[cfg.config]
+    else:  # text encoder trained from scratch (CLIP weights or none): its vocabulary is the tokenizer's
+        config = replace(CONFIGS[cfg.config], vocab_size=tokenizer.vocab_size, pad_token_id=tokenizer.pad_id)
+    if cfg.task == "retrieval":  # ITC and ITM only
+        config = replace(config, **{f"w_{name}": 0.0 for name in LOSSES if name not in ("itc", "itm")})
+    config = replace(config, n_answers=n_answers, nlvr2=cfg.task == "nlvr2")  # the task's head
+    config = replace(config, **{k: getattr(cfg, k) for k in MODEL_FLAGS if getattr(cfg, k) >= 0})
+    if cfg.text and saved is None:  # the text sizes come from the folder's config.json
+        config = replace(config, **text_config(cfg.text))
+    return config
+
+
+def build_model(cfg, config, ckpt, tokenizer, master):
+    """The model: pretrained encoders (--text, --vision), or a checkpoint's weights, or a fresh one."""
+    if ckpt is None and (cfg.text or cfg.vision):
+        model = SCLModel.from_pretrained(config, text=cfg.text or None, vision=cfg.vision or None, verbose=master)
+        if model.config.vocab_size != tokenizer.vocab_size:
+            raise SystemExit(f"{cfg.text}: tokenizer has {tokenizer.vocab_size} tokens, the model "
+                             f"{model.config.vocab_size}")
+        return model
+    model = SCLModel(config)
+    if ckpt is not None:
+        state = saved_weights(ckpt)
+        heads = ("vqa_head.", "nlvr2_head.")
+        if not cfg.resume:  # fine-tuning: the task's new head starts fresh; NLVR2's modality rows (§7.3)
+            state = fit_modality_rows({k: v for k, v in state.items() if not k.startswith(heads)},
+                                      model.modality.num_embeddings)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        bad = [k for k in missing if not k.startswith(heads)] + list(unexpected)
+        if bad:
+            raise SystemExit(f"{cfg.init or os.path.join(cfg.out, 'last.pt')}: does not fit the model: {bad[:5]}")
+    return model
+
+
+# -- the run's state, its validation and its checkpoints -----------------------------------------------
+
+
+@dataclass
+class Run:
+    """What a validation and a checkpoint need. A checkpoint is a plain dict of this (save); resume reads it
+    back (train)."""
+    cfg: TrainConfig
+    config: Config
+    model: SCLModel               # unwrapped (no DDP): evaluation and checkpoints
+    opt: torch.optim.Optimizer
+    tokenizer: Tokenizer
+    answers: list
+    device: torch.device
+    precision: str
+    master: bool
+    step: int = 0
+    seen: dict = field(default_factory=lambda: {"image": 0, "video": 0})  # batches trained on, per kind
+    best: float = -1.0            # best validation score so far
+    before: dict = None           # the validation before training
+    log: object = None            # metrics.jsonl (rank 0)
+
+    def record(self, entry):
+        if self.log:
+            self.log.write(json.dumps(entry) + "\n")
+            self.log.flush()
+
+
+def save(run, path, status, val=None, at=None):
+    """Rank 0 writes a checkpoint; -> None, or why the write failed (the previous file is intact).
+    at: the readers' positions in the shards."""
+    if not run.master:
+        return None
+    try:
+        save_checkpoint(path, dict(
+            model=run.model.state_dict(), optimizer=run.opt.state_dict(), step=run.step, seen=dict(run.seen),
+            best=run.best, before=run.before, config=asdict(run.config), train_config=asdict(run.cfg),
+            tokenizer=run.tokenizer.to_str(), answers=run.answers, val=val, shards=at))
+    except SystemExit as e:
+        return str(e.code)
+    if os.path.basename(path) == "last.pt":
+        status["saved"] = f"the last checkpoint is {path} (step {run.step})"
+    return None
+
+
+def validate(run, val_sets, guard):
+    """Rank 0, each modality at its own size and frame count, with eval.py's metric -> {"score", ...} (with
+    both modalities: one entry each and the mean score), or None when there is nothing to validate or a stop
+    request cut it short."""
+    if not val_sets or not run.master:
+        return None
+    cfg, results, bad = run.cfg, {}, []
+    try:
+        # eager: evaluation's shapes (a last partial batch, the re-ranking pairs) would each be a new graph
+        with torch.compiler.set_stance("force_eager"):
+            for kind, (rows, size) in val_sets.items():
+                kw = dict(device=run.device, max_len=cfg.max_text_len, batch_size=cfg.batch_size, image_size=size,
+                          frames=cfg.frames, skip_bad=cfg.skip_bad, skipped=bad, stop=guard.stop_requested)
+                if cfg.task == "vqa":
+                    score, _ = evaluate_vqa(run.model, run.tokenizer, rows, run.answers, **kw)
+                    results[kind] = {"vqa": score, "score": score}
+                elif cfg.task == "nlvr2":
+                    metrics, _ = evaluate_nlvr2(run.model, run.tokenizer, rows, **kw)
+                    results[kind] = dict(metrics, score=metrics["accuracy"])
+                else:
+                    metrics, _ = evaluate_retrieval(run.model, run.tokenizer, rows, k=cfg.val_k, **kw)
+                    result = metrics["itm"] if cfg.val_k else metrics["itc"]
+                    results[kind] = dict(result, score=result["mean"])
+    except Interrupted:
+        return None
+    finally:
+        run.model.train()
+    guard.report_skipped_in_validation(bad)
+    if len(results) == 1:
+        return next(iter(results.values()))
+    return dict(results, score=sum(r["score"] for r in results.values()) / len(results))
+
+
+def validate_and_keep_best(run, val_sets, guard, status):
+    """-> (the validation, why best.pt could not be written or None)."""
+    val = validate(run, val_sets, guard)
+    if val:
+        run.record({"step": run.step, "val": val})
+        if val["score"] > run.best:
+            run.best = val["score"]
+            return val, save(run, os.path.join(run.cfg.out, "best.pt"), status, val)
+    return val, None
+
+# -- the run ----------------------------------------------------------------------------------------
+
+
 def main(argv=None):
     """Train; returns the (unwrapped) model. argv: a list of flags, or a TrainConfig."""
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     to_close = []  # the DataLoader workers, the run folder's log and lock: closed however the run ends
-    status = {}    # once training runs: the step reached, the last checkpoint written
+    status = {}    # once training runs: the Run (its step), and the last checkpoint written
     try:
-        return _main(argv, to_close, status)
+        return train(argv, to_close, status)
     except BaseException as e:
         if status and not (isinstance(e, SystemExit) and e.code in (0, None)):
-            print(f"stopped by an error at step {status['step']}: {type(e).__name__}; {status['saved']}",
+            print(f"stopped by an error at step {status['run'].step}: {type(e).__name__}; {status['saved']}",
                   file=sys.stderr, flush=True)
         raise
     finally:  # the workers end now (see stop_workers), the caller's handlers come back, the folder is freed
@@ -331,389 +456,208 @@ def main(argv=None):
             close()
 
 
-def _main(argv, to_close, status):
+def train(argv, to_close, status):
+    """The run, top to bottom: settings, data, tokenizer, model, optimiser, run folder, then the steps."""
     cfg = parse_args(argv) if not isinstance(argv, TrainConfig) else argv
-    given = given_flags(argv)
     check_flags(cfg)
     rank, world, device = setup_distributed(cfg)
     precision = resolve_precision(cfg.precision, device)
-    master = rank == 0
-    agree = Agreement(world)
-    check_unlocked(cfg.out, master, agree)
-
-    # the checkpoint to resume or start from; on resume the run's own settings come back
-    last = os.path.join(cfg.out, "last.pt")
-    ckpt = None
-    if cfg.resume:
-        if not os.path.exists(last):
-            raise SystemExit(f"--resume: no checkpoint at {last}")
-        ckpt = load_checkpoint(last)
-        cfg, changed = resume_settings(cfg, given, ckpt.get("train_config") or {})
-        if master:
-            print(f"resuming {last} at step {ckpt['step']} with the run's settings"
-                  + "".join(f"; {k} {v0} -> {getattr(cfg, k)}"
-                            for k, v0 in ((k, (ckpt["train_config"] or {}).get(k)) for k in changed)))
-    elif cfg.init:
-        ckpt = load_checkpoint(cfg.init)
+    guard = RunGuard(world, device)
+    check_unlocked(cfg.out, rank == 0, guard.agree)
+    cfg, ckpt = starting_point(cfg, given_flags(argv), rank == 0)
     torch.manual_seed(cfg.seed)
-
-    # data rows (checked at start-up: malformed lines, empty captions, missing files)
-    if not cfg.data and not cfg.video_data:
-        if cfg.task in ("vqa", "nlvr2"):
-            raise SystemExit(f"--task {cfg.task} needs --data (e.g. demo/{cfg.task}_train.jsonl from "
-                             f"`python data.py demo`)")
-        demo = make_demo(os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo")) if master else None
-        if world > 1:
-            dist.barrier()
-            demo = make_demo(os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo"))
-        # the demo's clips are 64 px; 32 px x 4 frames keeps a video step as cheap as an image step on a CPU
-        cfg = replace(cfg, data=demo["images_train"], video_data=demo["videos_train"],
-                      val_data=cfg.val_data or demo["images_val"], video_size=cfg.video_size or 32)
-    skipped = []
-    train_data = {k: read_rows(path, cfg, skipped, k) for k, path in (("image", cfg.data), ("video", cfg.video_data))}
-    val_rows = read_rows(cfg.val_data, cfg, skipped)
-    if not any(train_data.values()):
-        raise SystemExit("no training data: give --data and/or --video-data")
-    shards = {k: d for k, d in train_data.items() if isinstance(d, Shards)}  # streamed (shards.py), else jsonl rows
-    if shards and cfg.task in ("vqa", "nlvr2"):
-        raise SystemExit(f"--data {cfg.data}: tar shards hold image-text pairs; {cfg.task.upper()} fine-tuning "
-                         "reads a jsonl")
-    image_rows, video_rows = ([] if k in shards else d for k, d in train_data.items())
-    check_task_rows(cfg.task, {"--data": image_rows, "--video-data": video_rows, "--val-data": val_rows})
-
-    # tokenizer: the checkpoint's, the pretrained text model's, or trained on the captions
-    if ckpt is not None:
-        tokenizer = Tokenizer.from_str(ckpt["tokenizer"])
-    elif cfg.text:
-        tokenizer = Tokenizer.from_pretrained(cfg.text)
-    else:
-        texts = [c for r in image_rows + video_rows for c in r["captions"] + [r.get("question", "")] if c]
-        texts += [c for s in shards.values() for c in captions_for_vocabulary(s)]  # their first few shards
-        tokenizer = Tokenizer.train(texts, cfg.vocab_size)
-
-    # answer vocabulary for VQA: train + val answers in the paper (--answer-data), else --data's
-    answers = None
-    if cfg.task == "vqa":
-        answers = ckpt.get("answers") if cfg.resume else None
-        if not answers:
-            rows = [r for path in cfg.answer_data for r in read_rows(path, cfg, [])] if cfg.answer_data \
-                else image_rows + video_rows
-            answers = build_answer_vocab(rows, cfg.min_answer_count)
-        if not answers:
-            raise SystemExit(f"no answer is seen {cfg.min_answer_count} times in "
-                             f"{', '.join(cfg.answer_data) or cfg.data}: lower --min-answer-count")
-
-    # model config: the run's on resume; --init takes the weights only, the loss weights come from the
-    # task and the flags
-    if cfg.resume:
-        config = config_from_checkpoint(ckpt["config"])
-    elif ckpt is not None:
-        defaults = Config()
-        config = replace(config_from_checkpoint(ckpt["config"]), n_answers=0,
-                         **{k: getattr(defaults, k) for k in LOSS_SETTINGS})
-    elif cfg.text:
-        config = CONFIGS[cfg.config]
-    else:  # text encoder trained from scratch (CLIP weights or none): its vocabulary is the tokenizer's
-        config = replace(CONFIGS[cfg.config], vocab_size=tokenizer.vocab_size, pad_token_id=tokenizer.pad_id)
-    if cfg.task == "retrieval":
-        config = replace(config, w_mlm=0.0, w_scl=0.0)
-    if cfg.task == "vqa":
-        config = replace(config, n_answers=len(answers))
-    config = replace(config, nlvr2=cfg.task == "nlvr2")  # the pair head and the right image's modality row
-    config = replace(config, **{k: getattr(cfg, k) for k in (*LOSS_SETTINGS, "dropout") if getattr(cfg, k) >= 0})
-    if cfg.text and ckpt is None:  # the text sizes come from the folder's config.json
-        config = replace(config, **text_config(cfg.text))
+    cfg = with_demo_data(cfg, rank == 0, world)
+    data = read_data(cfg, guard.skipped)
+    tokenizer = make_tokenizer(cfg, ckpt, data)
+    answers = answer_vocabulary(cfg, ckpt, data)
+    config = model_config(cfg, ckpt and ckpt["config"], tokenizer, len(answers or ()))
     check_model_flags(cfg, config)
     image_size = cfg.image_size or config.image_size
-    video_size = cfg.video_size or image_size
-
-    # data sets: every stream must fill one global batch
-    collate = Collator(tokenizer, cfg.max_text_len, trim=0 if cfg.compile else 8)  # compiled blocks: one width
-    if cfg.task == "vqa":
-        collate = VQACollator(collate, answers)
-    sets = {}
-    for kind, rows, size, batch, flag in (("image", image_rows, image_size, cfg.batch_size, "batch-size"),
-                                          ("video", video_rows, video_size, cfg.video_batch_size or cfg.batch_size,
-                                           "video-batch-size" if cfg.video_batch_size else "batch-size")):
-        if kind in shards:  # endless streams: any batch fills; on resume each reader continues where it was
-            sets[kind] = (ShardStream(shards[kind], batch, rank, world, cfg.workers, cfg.seed, size, cfg.frames,
-                                      cfg.shuffle_buffer, cfg.skip_bad, ckpt if cfg.resume else None), batch)
-        elif rows:
-            ds = PairDataset(rows, image_size=size, frames=cfg.frames, train=True, seed=cfg.seed,
-                             skip_bad=cfg.skip_bad)
-            if len(ds) < batch * world:
-                raise SystemExit(f"{rows[0]['jsonl']}: {len(ds)} samples cannot fill one batch of {batch} x {world} "
-                                 f"ranks: lower --{flag} to at most {len(ds) // world}")
-            sets[kind] = (ds, batch)
-
-    # model
-    if ckpt is None and (cfg.text or cfg.vision):
-        model = SCLModel.from_pretrained(config, text=cfg.text or None, vision=cfg.vision or None, verbose=master)
-        if model.config.vocab_size != tokenizer.vocab_size:
-            raise SystemExit(f"{cfg.text}: tokenizer has {tokenizer.vocab_size} tokens, the model {model.config.vocab_size}")
-    else:
-        model = SCLModel(config)
-        if ckpt is not None:
-            state = saved_weights(ckpt)
-            heads = ("vqa_head.", "nlvr2_head.")
-            if not cfg.resume:  # fine-tuning: the task's new head starts fresh; NLVR2's modality rows (§7.3)
-                state = fit_modality_rows({k: v for k, v in state.items() if not k.startswith(heads)},
-                                          model.modality.num_embeddings)
-            missing, unexpected = model.load_state_dict(state, strict=False)
-            bad = [k for k in missing if not k.startswith(heads)] + list(unexpected)
-            if bad:
-                raise SystemExit(f"{cfg.init or last}: does not fit the model: {bad[:5]}")
-    config = model.config
+    sizes = {"image": image_size, "video": cfg.video_size or image_size}
+    collate = Collator(tokenizer, cfg.max_text_len, config.mlm_ratio, config.text_mask_ratio,
+                       trim=0 if cfg.compile else 8)  # compiled blocks: one text width
+    collate = VQACollator(collate, answers) if cfg.task == "vqa" else collate
+    sets = data_sets(cfg, data, sizes, rank, world, ckpt)
+    model = build_model(cfg, config, ckpt, tokenizer, rank == 0)
     model.to(device)
     model.grad_checkpointing = cfg.grad_checkpointing
-    raw_model = model
-
-    # optimiser and schedule
-    cuda = device.type == "cuda"
-    groups = param_groups(model, cfg)
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, cfg.beta2), eps=1e-8, fused=True)
-    step, seen, best, before = 0, {"image": 0, "video": 0}, -1.0, None
+    opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=(0.9, cfg.beta2), eps=1e-8, fused=True)
+    run = Run(cfg, model.config, model, opt, tokenizer, answers, device, precision, rank == 0)
     if cfg.resume:
         opt.load_state_dict(ckpt["optimizer"])
-        step, seen, best, before = ckpt["step"], ckpt["seen"], ckpt["best"], ckpt.get("before")
+        run.step, run.seen, run.best, run.before = ckpt["step"], ckpt["seen"], ckpt["best"], ckpt.get("before")
 
-    # every start-up check has passed: now the run folder is ours (rank 0 writes it)
-    refused = None
-    if master:
-        try:
-            to_close.append(claim_run_folder(cfg, step).close)
-        except SystemExit as e:
-            refused = str(e.code)
-    if agree(STOP if refused else 0):  # the other ranks stop with rank 0 instead of waiting for it
-        raise SystemExit(refused or "rank 0 could not take the run folder (see its message); stopping")
-    status.update(step=step, saved=f"the last checkpoint is {last} (step {step})" if cfg.resume
-                  else "no checkpoint was written")
-    if master:
-        tokenizer.save(cfg.out)  # beside the checkpoints (which carry it too), for use outside this code
-        data = ", ".join(f"{len(d)} {'image-pair' if cfg.task == 'nlvr2' and k == 'image' else k} "
-                         f"{'shards' if k in shards else 'rows'}" for k, d in train_data.items())
-        print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {data}, device {device} "
-              f"({precision}), world {world}")
-    log = open(os.path.join(cfg.out, "metrics.jsonl"), "a") if master else None
-    if log:
-        to_close.append(log.close)
-
-    def record(entry):
-        if log:
-            log.write(json.dumps(entry) + "\n")
-            log.flush()
+    take_run_folder(run, data, guard, to_close, status, world)
 
     # loaders: each modality keeps its own resolution and frame count
-    streams = {kind: loader(ds, cfg, collate, batch, rank, world, seen[kind]) for kind, (ds, batch) in sets.items()}
+    streams = {kind: loader(ds, cfg, collate, batch, rank, world, run.seen[kind]) for kind, (ds, batch) in sets.items()}
     to_close.append(lambda: [stop_workers(s) for s in streams.values()])
-    where = Positions({k: sets[k][0] for k in shards})  # shards: each reader's position after the batches trained on
+    guard.track_shards(Positions({k: ds for k, (ds, _) in sets.items() if isinstance(ds, ShardStream)}))
+    if world > 1:  # a loss that is off leaves parameters without gradients, which DDP must be told
+        every_loss_on = all(getattr(config, f"w_{name}") > 0 for name in LOSSES) and cfg.task == "pretrain"
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                    find_unused_parameters=not every_loss_on)
+    if cfg.compile:  # per block, in place (DDP's wrapper holds the same modules); validation runs eager
+        run.model.compile_blocks()
+    guard.catch_signals()
+    val_sets = {kind: ([r for r in data["val"] if r["kind"] == kind], sizes[kind]) for kind in ("image", "video")}
+    val_sets = {kind: v for kind, v in val_sets.items() if v[0]}
+
+    if run.before is None:
+        run.before = validate(run, val_sets, guard)
+        if run.master and run.before:
+            print(f"validation before training: {fmt(run.before)}")
+            run.record({"step": run.step, "val": run.before})
+    train_steps(run, model, streams, val_sets, guard, status, rank, world)
+    finish(run, val_sets, guard, status, streams)
+    if world > 1 and "RANK" in os.environ:
+        dist.destroy_process_group()
+    return run.model
+
+
+def take_run_folder(run, data, guard, to_close, status, world):
+    """Every start-up check has passed: now the run folder is ours (rank 0 writes it). Says what will run."""
+    cfg = run.cfg
+    lock = claim_run_folder(cfg, run.step, run.master, guard.agree)
+    to_close.extend([lock.close] if lock else [])
+    status.update(run=run, saved=f"the last checkpoint is {cfg.out}/last.pt (step {run.step})" if cfg.resume
+                  else "no checkpoint was written")
+    if run.master:
+        run.tokenizer.save(cfg.out)  # beside the checkpoints (which carry it too), for use outside this code
+        names = {"image": "image-pair" if cfg.task == "nlvr2" else "image", "video": "video"}
+        what = ", ".join(f"{len(d)} {names[k]} {'shards' if isinstance(d, Shards) else 'rows'}"
+                         for k, d in data.items() if k != "val")
+        print(f"model: {sum(p.numel() for p in run.model.parameters()) / 1e6:.1f}M parameters, {what}, device "
+              f"{run.device} ({run.precision}), world {world}")
+        run.log = open(os.path.join(cfg.out, "metrics.jsonl"), "a")
+        to_close.append(run.log.close)
+
+
+def train_steps(run, model, streams, val_sets, guard, status, rank, world):
+    """The training loop. model: the DDP-wrapped one on several ranks, else run.model."""
+    cfg, opt, amp, last = run.cfg, run.opt, autocast(run.device, run.precision), os.path.join(run.cfg.out, "last.pt")
     ratio = cfg.video_ratio if len(streams) == 2 else float("video" in streams)
-
-    if world > 1:
-        every_loss_on = min(config.w_itc, config.w_itm, config.w_mlm, config.w_scl) > 0 and cfg.task == "pretrain"
-        model = DDP(model, device_ids=[device.index] if cuda else None, find_unused_parameters=not every_loss_on)
-    if cfg.compile:  # per block, before DDP wraps the model; validation runs eager (see validate)
-        raw_model.compile_blocks()
-    amp = autocast(device, precision)
-
-    # SIGTERM / SIGINT: finish the step (or the validation batch), save, exit cleanly; a second
-    # SIGINT (Ctrl-C twice) stops at once
-    stop = {"signal": None}
-
-    def on_signal(signum, frame):
-        if stop["signal"] is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        stop["signal"] = signum
-    for s in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(s, on_signal)
-
-    # validation: each modality at its own size and frame count, on rank 0, with eval.py's metric
-    val_sets = {kind: [r for r in val_rows if r["kind"] == kind] for kind in ("image", "video")}
-    val_sets = {kind: rows for kind, rows in val_sets.items() if rows}
-    val_skipped = set()
-
-    def validate():
-        """-> {"score", ...metrics} (with both modalities: one entry each and the mean score), or None
-        when there is nothing to validate or a stop request interrupted it."""
-        if not val_sets or not master:
-            return None
-        results, bad = {}, []
-        try:
-            # eager: evaluation's shapes (a last partial batch, the re-ranking pairs) would each be a
-            # new graph of the compiled blocks
-            with torch.compiler.set_stance("force_eager"):
-                for kind, rows in val_sets.items():
-                    kw = dict(device=device, max_len=cfg.max_text_len, batch_size=cfg.batch_size,
-                              image_size=image_size if kind == "image" else video_size, frames=cfg.frames,
-                              skip_bad=cfg.skip_bad, skipped=bad, stop=lambda: stop["signal"] is not None)
-                    if cfg.task == "vqa":
-                        score, _ = evaluate_vqa(raw_model, tokenizer, rows, answers, **kw)
-                        results[kind] = {"vqa": score, "score": score}
-                    elif cfg.task == "nlvr2":
-                        metrics, _ = evaluate_nlvr2(raw_model, tokenizer, rows, **kw)
-                        results[kind] = dict(metrics, score=metrics["accuracy"])
-                    else:
-                        metrics, _ = evaluate_retrieval(raw_model, tokenizer, rows, k=cfg.val_k, **kw)
-                        result = metrics["itm"] if cfg.val_k else metrics["itc"]
-                        results[kind] = dict(result, score=result["mean"])
-        except Interrupted:
-            return None
-        finally:
-            raw_model.train()
-        for why in bad:
-            if why not in val_skipped:
-                val_skipped.add(why)
-                print(f"validation skipped {why}")
-        if len(results) == 1:
-            return next(iter(results.values()))
-        return dict(results, score=sum(r["score"] for r in results.values()) / len(results))
-
-    def checkpoint(path, val=None, at=None):
-        """rank 0 writes; -> None, or the reason the write failed (the previous file is intact). at: in the shards."""
-        if not master:
-            return None
-        try:
-            save_checkpoint(path, dict(
-                model=raw_model.state_dict(), optimizer=opt.state_dict(), step=step, seen=dict(seen), best=best,
-                before=before, config=asdict(config), train_config=asdict(cfg), tokenizer=tokenizer.to_str(),
-                answers=answers, val=val, shards=at))
-        except SystemExit as e:
-            return str(e.code)
-        if path == last:
-            status["saved"] = f"the last checkpoint is {last} (step {step})"
-        return None
-
-    def validate_and_keep_best():
-        nonlocal best
-        val = validate()
-        if val:
-            record({"step": step, "val": val})
-            if val["score"] > best:
-                best = val["score"]
-                return val, checkpoint(os.path.join(cfg.out, "best.pt"), val)
-        return val, None
-
-    def settle(code, failed):
-        """Act on a code all ranks agreed on: a failed save stops every rank."""
-        if code & SAVE_FAILED:
-            raise SystemExit(failed or "rank 0 could not write a checkpoint; stopping")
-
-    if before is None:
-        before = validate()
-        if master and before:
-            print(f"validation before training: {fmt(before)}")
-            record({"step": step, "val": before})
-    # running sums stay on the device; read once per log interval (no host sync inside a step)
-    totals = {k: torch.zeros((), device=device) for k in ("loss", "itc", "itm", "mlm", "mvsc", "mlsc", "vqa", "nlvr2")}
-    bad_total, bad_streak = torch.zeros((), device=device), torch.zeros((), device=device)
-    n_samples, n_steps, t0 = 0, 0, time.time()
-    micro = step * cfg.grad_accum
-    bar = tqdm(total=cfg.steps, initial=step, disable=not master, dynamic_ncols=True)
+    micro, meter = run.step * cfg.grad_accum, Meter(run.device, world, cfg.grad_accum)
+    bar = tqdm(total=cfg.steps, initial=run.step, disable=not run.master, dynamic_ncols=True)
     model.train()
-    code = agree(STOP if stop["signal"] is not None else 0)
-    while step < cfg.steps and not code & STOP:
-        factor = lr_factor(step, cfg)
-        for g in opt.param_groups:
-            g["lr"] = cfg.lr * g["lr_mult"] * factor
-        seen_before, where_before = dict(seen), where.copy()
+    guard.vote()
+    while run.step < cfg.steps and not guard.stopping:
+        lr = set_lr(opt, cfg, run.step)
+        guard.start_step(run.seen)
         for k in range(cfg.grad_accum):
             kind = "video" if is_video_step(micro, ratio) else "image"
-            batch = next(streams[kind])
-            seen[kind] += 1
-            where.keep(kind, batch)
-            error = batch.get("error")
-            if agree(BAD_DATA if error else 0) & BAD_DATA:  # all ranks stop together, at the last step's state
-                seen.update(seen_before)
-                failed = checkpoint(last, at=where_before.gathered(agree.gather))
-                raise SystemExit(f"bad sample: {error}\n(pass --skip-bad to skip and count such samples)" if error
-                                 else "another rank met a bad sample (see its message); stopping"
-                                 + (f"; {failed}" if failed else ""))
+            batch = guard.take(next(streams[kind]), kind, run.seen)
+            if batch is None:  # a bad sample on some rank: every rank stops at the state before this step
+                guard.stop_on_bad_data(save(run, last, status, at=guard.positions_before()))
             micro += 1
             # the step's random draws (patch masks, hard negatives, dropout) from a seed of (run, micro-step,
             # rank): every rank draws its own, and a resumed run draws exactly what it would have
             torch.manual_seed(item_seed(cfg.seed, rank, micro))
-            skipped.extend(batch.pop("skipped"))
-            batch = {k2: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k2, v in batch.items()}
-            n_samples += batch["text_ids"].shape[0] * world
+            batch = {key: v.to(run.device, non_blocking=True) if torch.is_tensor(v) else v for key, v in batch.items()}
             # gradients are all-reduced on the last micro-step only
-            sync = nullcontext() if world == 1 or k == cfg.grad_accum - 1 else model.no_sync()
-            with sync:
+            with nullcontext() if world == 1 or k == cfg.grad_accum - 1 else model.no_sync():
                 with amp:
                     out = model(batch)
                 (out["loss"] / cfg.grad_accum).backward()
-            for name in totals:
-                if name in out:
-                    totals[name] += out[name].detach().float() / cfg.grad_accum
+            meter.add(out, batch["text_ids"].shape[0])
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad if cfg.clip_grad > 0 else float("inf"))
-        # a non-finite step is skipped on the device: fused AdamW leaves the weights (and its step
-        # count) untouched when found_inf is 1, as under GradScaler
-        found_inf = (~torch.isfinite(norm)).float()
-        opt.found_inf = found_inf
+        guard.skip_if_nonfinite(opt, norm)  # leaves the weights as they were, on the device
         opt.step()
         opt.zero_grad(set_to_none=True)
-        raw_model.logit_scale.data.clamp_(max=math.log(100))
-        bad_total += found_inf
-        bad_streak = (bad_streak + 1) * found_inf
-        step += 1
-        status["step"] = step
-        n_steps += 1
+        run.model.logit_scale.data.clamp_(max=math.log(100))
+        run.step += 1
         bar.update(1)
 
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            n_bad, streak = int(bad_total.item()), int(bad_streak.item())
-            entry = {"step": step, "lr": cfg.lr * factor, "nonfinite_steps": n_bad,
-                     "samples_per_s": n_samples / (time.time() - t0)}
-            for k, v in totals.items():
-                x = v.item() / n_steps
-                if x != 0:
-                    entry[k] = round(x, 4) if math.isfinite(x) else None  # strict JSON has no NaN
-            for v in totals.values():
-                v.zero_()
-            n_samples, n_steps, t0 = 0, 0, time.time()
-            bar.set_postfix(loss=entry.get("loss"), sps=round(entry["samples_per_s"], 1))
-            record(entry)
-            # the gradient norm is all-reduced, so every rank sees the same streak and stops here too
-            if streak >= cfg.max_bad_steps:
-                failed = checkpoint(os.path.join(cfg.out, "nonfinite.pt"))
-                raise SystemExit(failed or f"{streak} non-finite steps in a row at step {step}: stopping (the "
-                                 f"weights before them are in {cfg.out}/nonfinite.pt). Lower --lr or check the data.")
+        if run.step % cfg.log_every == 0 or run.step == cfg.steps:
+            log_interval(run, meter, guard, bar, lr, status)
         failed = None
-        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-            failed = validate_and_keep_best()[1]
-        if step % cfg.save_every == 0:
-            at = where.gathered(agree.gather)  # every rank (a collective), even where rank 0's best.pt failed
-            failed = failed or checkpoint(last, at=at)
-        # one agreement per step: a stop request or a failed save on any rank stops every rank
-        code = agree((STOP if stop["signal"] is not None else 0) | (SAVE_FAILED if failed else 0))
-        settle(code, failed)
+        if cfg.eval_every and run.step % cfg.eval_every == 0 and run.step < cfg.steps:
+            failed = validate_and_keep_best(run, val_sets, guard, status)[1]
+        if run.step % cfg.save_every == 0:
+            at = guard.positions()  # every rank (a collective), even where rank 0's best.pt failed
+            failed = failed or save(run, last, status, at=at)
+        guard.vote(failed)  # a stop request or a failed save on any rank stops every rank
     bar.close()
 
-    if code & STOP:
-        failed = checkpoint(last, at=where.gathered(agree.gather))
-        settle(agree(SAVE_FAILED if failed else 0), failed)
-        if master:
-            print(f"stopped by signal {stop['signal'] or 'on another rank'} at step {step}; checkpoint saved to {last}")
+
+def set_lr(opt, cfg, step):
+    """The schedule's learning rate for this step, in every group (x its multiplier) -> the encoders' lr."""
+    factor = lr_factor(step, cfg)
+    for g in opt.param_groups:
+        g["lr"] = cfg.lr * g["lr_mult"] * factor
+    return cfg.lr * factor
+
+
+class Meter:
+    """Running sums of every term the model's forward returns (whatever the losses are), kept on the device
+    and read once per log interval: no host sync inside a step."""
+
+    def __init__(self, device, world, accum):
+        self.device, self.world, self.accum = device, world, accum
+        self.reset()
+
+    def reset(self):
+        self.sums, self.samples, self.micro, self.t0 = {}, 0, 0, time.time()
+
+    def add(self, out, batch):
+        """One micro-step's output dict and its batch size on this rank."""
+        for name, value in out.items():
+            zero = torch.zeros((), device=self.device)
+            self.sums[name] = self.sums.get(name, zero) + value.detach().float() / self.accum
+        self.samples += batch * self.world
+        self.micro += 1
+
+    def read(self):
+        """-> ({term: its mean per step over the interval; terms that stayed 0 (off) left out}, samples/s)."""
+        steps = self.micro // self.accum
+        means = {k: v.item() / steps for k, v in self.sums.items()}
+        means = {k: round(x, 4) if math.isfinite(x) else None for k, x in means.items() if x != 0}  # JSON: no NaN
+        rate = self.samples / (time.time() - self.t0)
+        self.reset()
+        return means, rate
+
+
+def log_interval(run, meter, guard, bar, lr, status):
+    """One line of metrics.jsonl; the run stops when the non-finite steps in a row reach --max-bad-steps."""
+    means, rate = meter.read()
+    n_bad, streak = guard.nonfinite_counts()
+    entry = {"step": run.step, "lr": lr, "nonfinite_steps": n_bad, "samples_per_s": rate}
+    entry.update({k: means[k] for k in sorted(means, key=lambda k: k != "loss")})  # the total first
+    bar.set_postfix(loss=entry.get("loss"), sps=round(rate, 1))
+    run.record(entry)
+    # the gradient norm is all-reduced, so every rank sees the same streak and stops here too
+    if streak >= run.cfg.max_bad_steps:
+        failed = save(run, os.path.join(run.cfg.out, "nonfinite.pt"), status)
+        raise SystemExit(failed or f"{streak} non-finite steps in a row at step {run.step}: stopping (the weights "
+                         f"before them are in {run.cfg.out}/nonfinite.pt). Lower --lr or check the data.")
+
+
+def finish(run, val_sets, guard, status, streams):
+    """After the last step or a stop request: validate (not after a stop), save, report, draw the curves."""
+    last = os.path.join(run.cfg.out, "last.pt")
+    if guard.stopping:
+        guard.settle(save(run, last, status, at=guard.positions()))
+        if run.master:
+            print(f"stopped by signal {guard.signal or 'on another rank'} at step {run.step}; checkpoint saved to "
+                  f"{last}")
     else:
-        after, failed = validate_and_keep_best()
-        at = where.gathered(agree.gather)
-        failed = failed or checkpoint(last, after, at)
-        settle(agree(SAVE_FAILED if failed else 0), failed)
-        if master and after:
-            print(f"validation before training: {fmt(before)}\nvalidation after training:  {fmt(after)}")
-    skipped = [why for part in agree.gather(skipped) for why in part]  # every rank's
-    if skipped and master:
+        after, failed = validate_and_keep_best(run, val_sets, guard, status)
+        at = guard.positions()
+        guard.settle(failed or save(run, last, status, after, at))
+        if run.master and after:
+            print(f"validation before training: {fmt(run.before)}\nvalidation after training:  {fmt(after)}")
+    skipped = guard.all_skipped()
+    if skipped and run.master:
         print(f"skipped {len(skipped)} bad samples; first: " + "; ".join(skipped[:5]))
-        record({"step": step, "skipped": len(skipped), "skipped_first": skipped[:20]})
-    if master:  # after training or a stop; a picture that cannot be drawn does not fail the run
+        run.record({"step": run.step, "skipped": len(skipped), "skipped_first": skipped[:20]})
+    if run.master:  # after training or a stop; a picture that cannot be drawn does not fail the run
+        from pictures import plot_curves  # only the end of a run draws
         try:
-            plot_curves(cfg.out, os.path.join(cfg.out, "curves.png"))
+            plot_curves(run.cfg.out, os.path.join(run.cfg.out, "curves.png"))
         except (DataError, OSError) as e:
             print(f"curves.png not drawn: {e}")
     streams.clear()  # the DataLoader workers shut down
-    agree(0)  # every rank ends together (rank 0 was still writing); then the process group goes cleanly
-    if world > 1 and "RANK" in os.environ:
-        dist.destroy_process_group()
-    return raw_model
+    guard.agree(0)  # every rank ends together (rank 0 was still writing); then the process group goes cleanly
 
 
 def fmt(metrics):

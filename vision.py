@@ -16,55 +16,13 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 
-def dropout(x, p):
-    """Inverted dropout (zero with probability p, scale the rest by 1 / (1 - p)), training only.
-
-    On the CPU the mask comes from 15 random bits per element (two per int32 draw), compared with
-    round(p * 2^15): p is exact to 1/32768 (0.1 -> 0.100006). That costs about 4.7 ns per element on
-    2 cores against 9-13 for `bernoulli_`, which F.dropout and SDPA's math path use and which took a
-    fifth of a `base` bf16 CPU step (bench.py step). GPUs and compiled graphs keep F.dropout.
-    """
-    if x.device.type != "cpu" or torch.compiler.is_compiling():
-        return F.dropout(x, p, training=True)
-    bits = torch.empty((x.numel() + 1) // 2, dtype=torch.int32).random_()  # [0, 2^31): 16 + 15 random bits
-    keep = (bits.view(torch.int16)[: x.numel()].view(x.shape) & 0x7FFF) >= round(p * 32768)
-    return x * keep * (1.0 / (1.0 - p))
-
-
-class Dropout(nn.Module):
-    """nn.Dropout with the faster CPU mask of `dropout`."""
-
-    def __init__(self, p):
-        super().__init__()
-        self.p = p
-
-    def forward(self, x):
-        return dropout(x, self.p) if self.training and self.p > 0 else x
-
-
-WRITTEN_OUT_MAX = 2 ** 24  # scores per call (B * nh * L * S) up to which the CPU path may write attention out
-
-
 def attend(q, k, v, mask=None, p=0.0):
-    """softmax(q k^T / sqrt(d) + mask) v, dropout p on the probabilities. q (B, nh, L, d), k and v
-    (B, nh, S, d), mask broadcastable to (B, nh, L, S), bool, True = attend.
-
-    F.scaled_dot_product_attention on GPUs and in compiled graphs. On the CPU it is written out in two
-    cases, measured with torch 2.13 on 2 cores of an Intel Xeon (AMX): with dropout, where SDPA has no
-    fused CPU kernel and its math fallback draws bernoulli_ masks; and in bf16, where the fused CPU
-    kernel's backward took 2-10x the written-out forward+backward at every shape of `tiny` and `base`
-    (e.g. (20, 12, 197, 197): 163 vs 58 ms; (160, 2, 65, 16): 49 vs 8.5 ms). Written out, the scores
-    are kept for the backward (up to 5 bytes each: probabilities, dropout mask, dropped probabilities),
-    so calls above WRITTEN_OUT_MAX scores (a `base` video in the fusion: 20 x 12 x 788^2) stay fused. The softmax of bf16 scores accumulates in fp32.
-    """
-    small = q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] <= WRITTEN_OUT_MAX
-    if q.device.type != "cpu" or torch.compiler.is_compiling() or not small \
-            or (p == 0 and q.dtype != torch.bfloat16):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
-    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
-    scores = scores if mask is None else scores.masked_fill(~mask, float("-inf"))
-    probs = scores.softmax(-1)
-    return (dropout(probs, p) if p > 0 else probs) @ v
+    """softmax(q k^T / sqrt(d) + mask) v, dropout p on the probabilities: F.scaled_dot_product_attention.
+    q (B, nh, L, d), k and v (B, nh, S, d), mask broadcastable to (B, nh, L, S), bool, True = attend.
+    (On the CPU a few shapes take the written-out path below, which computes the same thing faster there.)"""
+    if written_out_is_faster(q, k, p):
+        return attend_written_out(q, k, v, mask, p)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
 
 
 class Attention(nn.Module):
@@ -353,4 +311,53 @@ def load_state(module, state, source):
             raise ValueError(f"{source}: shape mismatch for {k}: file has {tuple(v.shape)}, "
                              f"model expects {tuple(own[k].shape)} (check the config's sizes)")
     module.load_state_dict(state, strict=True)
+
+
+# -- CPU speed paths ---------------------------------------------------------------------------------------
+# Not needed to read the model: on a GPU and inside compiled graphs, attention is one SDPA call and dropout is
+# F.dropout. On the CPU, two of torch's kernels are slow enough to matter for the demo and the tests (RESULTS.md, "CPU speed", has the measurements): SDPA has no fused CPU kernel with dropout (its math fallback draws bernoulli_ masks), and the fused
+# CPU kernel's backward in bf16 is slower than attention written out. So attention is written out in those
+# two cases, and dropout masks come from random bits.
+
+WRITTEN_OUT_MAX = 2 ** 24  # scores per call (B * nh * L * S) up to which the CPU path may write attention out
+
+
+def written_out_is_faster(q, k, p):
+    """On the CPU, eager, with dropout or in bf16, when the scores fit: written out they are kept for the
+    backward (up to 5 bytes each: probabilities, dropout mask, dropped probabilities), so larger calls (a
+    `base` video in the fusion: 20 x 12 x 788^2) stay fused."""
+    small = q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] <= WRITTEN_OUT_MAX
+    return q.device.type == "cpu" and not torch.compiler.is_compiling() and small \
+        and (p > 0 or q.dtype == torch.bfloat16)
+
+
+def attend_written_out(q, k, v, mask=None, p=0.0):
+    """The same as attend, as three operations; the softmax of bf16 scores accumulates in fp32."""
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+    scores = scores if mask is None else scores.masked_fill(~mask, float("-inf"))
+    probs = scores.softmax(-1)
+    return (dropout(probs, p) if p > 0 else probs) @ v
+
+
+def dropout(x, p):
+    """Inverted dropout (zero with probability p, scale the rest by 1 / (1 - p)), training only. On the CPU the
+    mask comes from 15 random bits per element (two per int32 draw), compared with round(p * 2^15): p is exact
+    to 1/32768 (0.1 -> 0.100006), and the draw is cheaper than `bernoulli_`. GPUs and compiled graphs keep
+    F.dropout."""
+    if x.device.type != "cpu" or torch.compiler.is_compiling():
+        return F.dropout(x, p, training=True)
+    bits = torch.empty((x.numel() + 1) // 2, dtype=torch.int32).random_()  # [0, 2^31): 16 + 15 random bits
+    keep = (bits.view(torch.int16)[: x.numel()].view(x.shape) & 0x7FFF) >= round(p * 32768)
+    return x * keep * (1.0 / (1.0 - p))
+
+
+class Dropout(nn.Module):
+    """nn.Dropout with the CPU mask of `dropout`."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        return dropout(x, self.p) if self.training and self.p > 0 else x
 

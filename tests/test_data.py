@@ -19,6 +19,7 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import convert  # noqa: E402
 import data  # noqa: E402
+import prepare_data  # noqa: E402
 import demo as demo_module  # noqa: E402
 from data import (Collator, DataError, PairDataset, Tokenizer, load_image, load_video,  # noqa: E402
                   read_jsonl, write_jsonl)
@@ -574,7 +575,7 @@ def test_convert_karpathy(tmp_path):
         train = convert.convert_karpathy(tmp_path / "dataset_coco.json", "train", tmp_path / "coco")
     assert [r["id"] for r in train] == [2, 3] and len(train[1]["caption"]) == 7
     assert train[1]["image"] == str(tmp_path / "coco" / "train2014" / "COCO_train2014_000000000003.jpg")
-    data.main(["convert", "karpathy", str(tmp_path / "dataset_coco.json"), "--split", "test",
+    prepare_data.main(["convert", "karpathy", str(tmp_path / "dataset_coco.json"), "--split", "test",
                "--images", str(tmp_path / "coco"), "--out", str(tmp_path / "coco_test.jsonl")])
     rows = read_jsonl(tmp_path / "coco_test.jsonl")
     assert len(rows[0]["captions"]) == 5 and len(PairDataset(rows, group=True)) == 1 and len(PairDataset(rows)) == 5

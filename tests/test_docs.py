@@ -7,6 +7,7 @@ Scans the text files git knows (tracked, or new and not ignored: *.py, *.md, *.t
 - a section pointer `METHOD.md §N` / `§N.M` whose number is not a heading of METHOD.md (a bare `§N` means
   METHOD.md too; inside METHOD.md that is the only form).
 """
+import ast
 import os
 import re
 import subprocess
@@ -25,6 +26,7 @@ NOT_OURS = {
     "metrics.py": "the official NLVR2 evaluation script (its repository's nlvr2/eval folder)",
     "ddp_run.py": "written by tests/test_train.py into its temporary folder",
     "recording.py": "written by tests/test_shards.py into its temporary folder",
+    "driver.py": "written by tests/test_exit.py into its temporary folder",
 }
 SECTION = re.compile(r"§\s?(\d+(?:\.\d+)*)")
 WRONG_FORM = re.compile(r"\bMETHOD(?:\.md)?,?\s+(?:[Ss]ection|[Ss]ec\.?)\s*\d|\bMETHOD\s+§\s?\d")
@@ -121,3 +123,32 @@ def test_walks_the_folder_without_git(monkeypatch):
     assert "README.md" in files and "tests/test_docs.py" in files
     assert not any(f.startswith((".venv/", "demo/", "runs/")) for f in files)
     assert all(os.path.splitext(f)[1] in (".py", ".md", ".txt") or f == ".ci/run" for f in files)
+
+
+# the README's reading order: a table row of a file, a function or class in it, and its first-last lines
+READING_ROW = re.compile(r"^\| `(\w+\.py)` \| `([\w.]+)` \| (\d+)-(\d+) \|", re.M)
+
+
+def span(path, qualname):
+    """(first, last) line of a top-level or nested def/class, decorators included."""
+    nodes = ast.parse(path.read_text(encoding="utf-8")).body
+    for part in qualname.split("."):
+        node = next((n for n in nodes if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.name == part), None)
+        assert node is not None, f"{path.name} has no {qualname}"
+        nodes = node.body
+    return min([node.lineno] + [d.lineno for d in node.decorator_list]), node.end_lineno
+
+
+def test_reading_order_names_the_lines_of_the_code():
+    """Each row of the README's "Reading one pre-training step" is where that function is now."""
+    rows = READING_ROW.findall((ROOT / "README.md").read_text(encoding="utf-8"))
+    assert len(rows) >= 10, "the README lost its reading order"
+    wrong = [f"{f} {name}: README says {a}-{b}, the code is at {'-'.join(map(str, span(ROOT / f, name)))}"
+             for f, name, a, b in rows if span(ROOT / f, name) != (int(a), int(b))]
+    assert not wrong, "\n".join(wrong)
+
+
+def test_span_finds_methods_and_decorators(tmp_path):
+    path = tmp_path / ("m" + ".py")
+    path.write_text("import x\n\n\n@dataclass\nclass A:\n    def f(self):\n        return 1\n")
+    assert span(path, "A") == (4, 7) and span(path, "A.f") == (6, 7)

@@ -480,17 +480,19 @@ def test_forward_images_and_videos_all_parameters_get_gradients():
         assert all(torch.isfinite(p.grad).all() for p in model.parameters())
 
 
-@pytest.mark.parametrize("off", [None, "w_itm", "w_mlm", "w_scl", "w_itc", "w_itc+w_itm"])
+@pytest.mark.parametrize("off", [None, "w_itm", "w_mlm", "w_mvsc", "w_mlsc", "w_mvsc+w_mlsc", "w_itc", "w_itc+w_itm",
+                                 "w_itm+w_mvsc", "w_itm+w_mlsc"])
 def test_loss_weight_zero_skips_passes(off):
     B = 3
-    weights = dict(w_itc=0.5, w_itm=1.0, w_mlm=1.0, w_scl=1.0)
+    weights = dict(w_itc=0.5, w_itm=1.0, w_mlm=1.0, w_mvsc=1.0, w_mlsc=1.0)
     for name in (off or "").split("+"):
         if name:
             weights[name] = 0.0
+    on = {k[2:]: bool(w) for k, w in weights.items()}
     cfg = dataclasses.replace(TINY, **weights)
     torch.manual_seed(13)
     model = SCLModel(cfg)
-    fuse_sizes, vision_ratios = [], []
+    fuse_sizes, vision_ratios, text_rows = [], [], []
     real_fuse = model.fuse
 
     def counting_fuse(t, mask, v):
@@ -499,33 +501,64 @@ def test_loss_weight_zero_skips_passes(off):
         return real_fuse(t, mask, v)
 
     model.fuse = counting_fuse
-    hook = model.vision.register_forward_hook(
-        lambda mod, args, out: vision_ratios.append(args[1] if len(args) > 1 else 0.0))
+    hooks = [model.vision.register_forward_hook(
+        lambda mod, args, out: vision_ratios.append(args[1] if len(args) > 1 else 0.0)),
+        model.text.register_forward_hook(lambda mod, args, out: text_rows.append(args[0].shape[0]))]
     out = model(make_batch(B, seed=3))
-    hook.remove()
+    for h in hooks:
+        h.remove()
 
-    # the pairs with the full clip share one fusion call (ITM 3B, MLM B, MLSC B); MVSC's masked clips another
-    full = 3 * B * bool(weights["w_itm"]) + B * bool(weights["w_mlm"]) + B * bool(weights["w_scl"])
-    expect_fuse = ([full] if full else []) + ([B] if weights["w_scl"] else [])
+    # the pairs with the full clip share one fusion call (ITM 3B, MLM B, MLSC B, and B complete pairs when one
+    # SCL loss needs its target from them and ITM has none); MVSC's masked clips another
+    one_scl = on["mvsc"] != on["mlsc"]
+    full = 3 * B * on["itm"] + B * on["mlm"] + B * on["mlsc"] + B * (one_scl and not on["itm"])
+    expect_fuse = ([full] if full else []) + ([B] if on["mvsc"] else [])
     assert sorted(fuse_sizes) == sorted(expect_fuse)
-    expect_vision = [0.0] + ([cfg.image_mask_ratio] if weights["w_scl"] else [])
+    assert text_rows == [B * (1 + on["mlm"] + on["mlsc"])]  # the masked texts only where a loss reads them
+    expect_vision = [0.0] + ([cfg.image_mask_ratio] if on["mvsc"] else [])
     assert sorted(vision_ratios) == sorted(expect_vision)
-    skipped = {"itm": not weights["w_itm"], "mlm": not weights["w_mlm"], "mvsc": not weights["w_scl"],
-               "mlsc": not weights["w_scl"], "itc": not (weights["w_itc"] or weights["w_itm"])}
+    skipped = {"itm": not on["itm"], "mlm": not on["mlm"], "mvsc": not on["mvsc"], "mlsc": not on["mlsc"],
+               "itc": not (on["itc"] or on["itm"])}
     for name, is_skipped in skipped.items():
         if is_skipped:
             assert out[name].item() == 0.0, name
         else:
             assert out[name].item() > 0, name
-    total = (weights["w_itc"] * out["itc"] + weights["w_itm"] * out["itm"] + weights["w_mlm"] * out["mlm"]
-             + weights["w_scl"] * (out["mvsc"] + out["mlsc"]))
+    total = sum(weights["w_" + k] * out[k] for k in ("itc", "itm", "mlm", "mvsc", "mlsc"))
     assert out["loss"].item() == pytest.approx(total.item(), rel=1e-6)
+
+
+def test_one_scl_loss_alone_takes_its_target_from_the_complete_pair():
+    """With MLSC off, MVSC's target is the fused vision global of (full clip, full text), as an independent
+    fusion of the complete pair computes it; with MVSC off, MLSC's target is that pair's fused text CLS."""
+    batch = make_batch(4, seed=5)
+    for off, key in (("w_mlsc", "mvsc"), ("w_mvsc", "mlsc")):
+        cfg = dataclasses.replace(TINY, w_itc=0.0, w_itm=0.0, w_mlm=0.0, **{off: 0.0})
+        torch.manual_seed(3)
+        model = SCLModel(cfg)
+        seen = {}
+        real = model_module.semantic_completion
+
+        def spy(pred, target, temperature):
+            seen["pred"], seen["target"] = pred, target
+            return real(pred, target, temperature)
+
+        model_module.semantic_completion = spy
+        try:
+            out = model(batch)
+        finally:
+            model_module.semantic_completion = real
+        ids, mask = batch["text_ids"], batch["text_mask"]
+        t, v = model.fuse(model.embed_text(ids, mask), mask, model.embed_vision(batch["pixels"]))
+        whole = model.vision_global(v) if key == "mvsc" else t[:, 0]
+        assert out[key].item() > 0
+        torch.testing.assert_close(seen["target"], whole, rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------
 # 7. SCL in the model: the kept patches matter; with nothing masked the prediction is the target
 
-SCL_ONLY = dataclasses.replace(TINY, w_itc=0.0, w_itm=0.0, w_mlm=0.0, w_scl=1.0)
+SCL_ONLY = dataclasses.replace(TINY, w_itc=0.0, w_itm=0.0, w_mlm=0.0, w_mvsc=1.0, w_mlsc=1.0)
 
 
 def test_mvsc_depends_on_kept_patches():
@@ -651,7 +684,7 @@ def test_fused_mlm_names_the_colour_it_sees_while_itc_trains_the_encoders():
     import train
     cfg = dataclasses.replace(TINY, vocab_size=64, max_positions=16, image_size=32, patch_size=8,
                               text_width=64, text_ffn=128, vision_width=64, hidden=64, fusion_ffn=128,
-                              embed_dim=32, text_layers=1, vision_layers=1, fusion_layers=1, w_itm=0.0, w_scl=0.0)
+                              embed_dim=32, text_layers=1, vision_layers=1, fusion_layers=1, w_itm=0.0, w_mvsc=0.0, w_mlsc=0.0)
     torch.manual_seed(0)
     model = SCLModel(cfg).train()
     tc = train.TrainConfig()                                     # the recipe: lr 1e-4, fusion and heads x5
@@ -742,7 +775,7 @@ def test_image_ids_from_the_dataset_reach_itc_and_itm(tmp_path, monkeypatch):
     ids = batch["image_ids"]
     assert ids.tolist() == [0, 0, 1, 2, 2, 2]                       # one id per row, shared by its captions
 
-    cfg = dataclasses.replace(TINY, vocab_size=tok.vocab_size, pad_token_id=tok.pad_id, w_mlm=0.0, w_scl=0.0)
+    cfg = dataclasses.replace(TINY, vocab_size=tok.vocab_size, pad_token_id=tok.pad_id, w_mlm=0.0, w_mvsc=0.0, w_mlsc=0.0)
     torch.manual_seed(18)
     model = SCLModel(cfg).eval()                                     # eval: no dropout, comparable passes
     drawn, real = [], model_module.sample_hard_negatives
@@ -804,7 +837,7 @@ def test_itm_random_share_reaches_the_negative_draw(monkeypatch):
         seen.append(random)
         return real(sim, ids, random)
     monkeypatch.setattr(model_module, "sample_hard_negatives", spy)
-    cfg = dataclasses.replace(TINY, w_mlm=0.0, w_scl=0.0, itm_random=0.25)
+    cfg = dataclasses.replace(TINY, w_mlm=0.0, w_mvsc=0.0, w_mlsc=0.0, itm_random=0.25)
     model = SCLModel(cfg)
     model(make_batch(4))
     assert seen == [0.25]

@@ -15,6 +15,7 @@ from PIL import Image
 
 import convert
 import data
+import prepare_data  # noqa: E402
 import demo as demo_module
 import eval as ev
 import train
@@ -77,7 +78,7 @@ def test_convert_official_train_and_dev(tmp_path):
          "caption": "The left image contains twice the number of dogs as the right image.", "label": True,
          "identifier": "train-2093-3-1"}]
     # the command line, then read back as training rows
-    data.main(["convert", "nlvr2", write_official(tmp_path / "dev.json", DEV_LINES), "--images", str(root / "dev"),
+    prepare_data.main(["convert", "nlvr2", write_official(tmp_path / "dev.json", DEV_LINES), "--images", str(root / "dev"),
                "--out", str(tmp_path / "nlvr2_dev.jsonl")])
     rows = read_jsonl(tmp_path / "nlvr2_dev.jsonl")
     assert [r["paths"] for r in rows] == [[str(root / f"dev/dev-850-{p}-img{k}.png") for k in (0, 1)] for p in (0, 1)]
@@ -102,7 +103,7 @@ def test_convert_bad_lines_name_file_and_line(tmp_path, line, why):
     with pytest.raises(DataError, match=rf"dev\.json:2: {why}"):
         convert.convert_nlvr2(path, str(tmp_path))
     with pytest.raises(SystemExit) as err:  # the command line: one line, no traceback
-        data.main(["convert", "nlvr2", path, "--images", str(tmp_path), "--out", str(tmp_path / "x.jsonl")])
+        prepare_data.main(["convert", "nlvr2", path, "--images", str(tmp_path), "--out", str(tmp_path / "x.jsonl")])
     assert re.search(rf"dev\.json:2: {why}", one_line(err))
     assert not (tmp_path / "x.jsonl").exists()
 

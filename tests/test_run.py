@@ -16,6 +16,7 @@ import torch
 
 import eval as ev
 import model as model_module
+import batches
 import train
 from data import write_jsonl
 from test_train import (REPO, absolute_rows, free_port, images_jsonl, load, metrics, flags, train_entries,
@@ -58,7 +59,7 @@ def one_line(err):
     ("grad_accum", 0), ("steps", -5), ("batch_size", -1), ("batch_size", 0), ("max_text_len", 2),
     ("max_text_len", 65), ("video_ratio", 2), ("image_mask_ratio", 1.5), ("warmup", 2), ("image_size", 7),
     ("frames", 0), ("save_every", 0), ("log_every", 0), ("config", "huge"), ("lr", 0), ("workers", -1),
-    ("video_size", 12), ("eval_every", -1), ("val_k", -1), ("min_answer_count", 0), ("w_scl", -2),
+    ("video_size", 12), ("eval_every", -1), ("val_k", -1), ("min_answer_count", 0), ("w_mvsc", -2), ("mlm_ratio", 1.5),
     ("shuffle_buffer", 0), ("itm_random", 1.5), ("itm_random", -0.5),
 ])
 def test_nonsense_flag_is_one_line_at_start_up(demo, tmp_path, capsys, flag, value):
@@ -292,12 +293,14 @@ def test_metrics_after_resume_do_not_repeat_steps(demo, tmp_path, monkeypatch):
 def test_init_takes_weights_only(demo, tmp_path):
     data = images_jsonl(demo, tmp_path)
     src = str(tmp_path / "ablation")
-    train.main(flags(data=data, out=src, steps=1, w_scl=0, image_mask_ratio=0.5))
+    changed = dict(w_mvsc=0, w_mlsc=0, image_mask_ratio=0.5, mlm_ratio=0.3, text_mask_ratio=0.2, itm_random=0.1)
+    train.main(flags(data=data, out=src, steps=1, **changed))
+    assert all(load(os.path.join(src, "last.pt"))["config"][k] == v for k, v in changed.items())
     out = str(tmp_path / "next")
     train.main(flags(data=data, out=out, steps=1, init=os.path.join(src, "last.pt")))
     config = load(os.path.join(out, "last.pt"))["config"]
     defaults = model_module.Config()
-    assert (config["w_scl"], config["image_mask_ratio"]) == (defaults.w_scl, defaults.image_mask_ratio)
+    assert {k: config[k] for k in changed} == {k: getattr(defaults, k) for k in changed}
     assert "mvsc" in train_entries(out)[0]
 
 
@@ -430,7 +433,7 @@ def test_stream_draws_one_permutation_per_epoch(monkeypatch):
     epoch's permutation by hand, and over 10M samples the permutation is drawn once, not per batch."""
     n, batch, world = 103, 4, 3
     for rank in range(world):
-        got = list(itertools.islice(iter(train.Stream(n, batch, rank, world, seed=7, seen=5)), 40))
+        got = list(itertools.islice(iter(batches.Stream(n, batch, rank, world, seed=7, seen=5)), 40))
         per_epoch = n // (batch * world)
         want = []
         for b in range(5, 45):
@@ -442,9 +445,9 @@ def test_stream_draws_one_permutation_per_epoch(monkeypatch):
     calls, randperm = [], torch.randperm
     monkeypatch.setattr(torch, "randperm", lambda *a, **k: calls.append(a) or randperm(*a, **k))
     t0 = time.time()
-    batches = list(itertools.islice(iter(train.Stream(10_000_000, 32, 0, 1, seed=0)), 1000))
+    drawn = list(itertools.islice(iter(batches.Stream(10_000_000, 32, 0, 1, seed=0)), 1000))
     print(f"1000 batches over 10M samples: {time.time() - t0:.2f} s")
-    assert len(calls) == 1 and len({i for b in batches for _, i in b}) == 32_000
+    assert len(calls) == 1 and len({i for b in drawn for _, i in b}) == 32_000
 
 
 def test_curves_after_training_and_eval_plot(demo, tmp_path):

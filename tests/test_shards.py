@@ -1,4 +1,4 @@
-"""Tests of shards.py: tar shards written by `data.py shard` and by an independent img2dataset-style writer
+"""Tests of shards.py: tar shards written by `prepare_data.py shard` and by an independent img2dataset-style writer
 read back to the same (image, caption) pairs; readers split every epoch's shards (2 ranks x 2 workers over 5
 shards) and reshuffle by epoch and seed; a real 2-process run stopped by SIGTERM resumes exactly; cut shards
 and samples without a caption stop the run naming the shard and the key, or are counted with --skip-bad."""
@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-import data
+import prepare_data  # noqa: E402
 import eval as ev
 import train
 from data import DataError, PairDataset, load_image, read_jsonl, swap_left_right, write_jsonl
@@ -102,15 +102,15 @@ def test_brace_patterns_folders_and_lists(tmp_path):
     assert len(open_shards(spec, "image", skip_bad=True, skipped=skipped)) == 2 and len(skipped) == 2
     assert [is_shards(s) for s in (spec, str(tmp_path), str(listed), "a.tar", "a.jsonl", "")] == [1, 1, 1, 1, 0, 0]
     with pytest.raises(SystemExit, match="already holds .tar shards"):
-        data.main(["shard", "x.jsonl", "--out", str(tmp_path)])  # never mixed with old shards
+        prepare_data.main(["shard", "x.jsonl", "--out", str(tmp_path)])  # never mixed with old shards
 
 
 def test_tool_and_independent_shards_read_back_the_pairs(demo, tmp_path):
-    """The same pairs come back from `data.py shard`'s shards and from img2dataset-style ones: in training
+    """The same pairs come back from `prepare_data.py shard`'s shards and from img2dataset-style ones: in training
     (the stream's pixels are the loose file's with the item's seed) and in validation (scan_rows)."""
     jsonl = pairs_jsonl(demo, tmp_path / "pairs.jsonl", 10, captions=2)
     rows = read_jsonl(jsonl)
-    spec = data.main(["shard", jsonl, "--out", str(tmp_path / "tool"), "--per-shard", "4"])
+    spec = prepare_data.main(["shard", jsonl, "--out", str(tmp_path / "tool"), "--per-shard", "4"])
     assert spec == str(tmp_path / "tool" / "{00000..00002}.tar")
     tool = [(r["path"], c) for r in rows for c in r["captions"]]
     indep = write_like_img2dataset(str(tmp_path / "indep"), tool, per_shard=7)
@@ -331,7 +331,7 @@ def test_cut_shards_and_samples_without_caption(demo, tmp_path, capsys):
 
 
 def test_train_on_demo_shards_images_videos_and_validation(demo, tmp_path):
-    """`data.py demo --shards` -> train.py with image, video and validation shards; validation from shards
+    """`prepare_data.py demo --shards` -> train.py with image, video and validation shards; validation from shards
     scores as from the jsonl; a resume with other readers is refused before anything is written."""
     sets = {}
     for name in ("images_train", "videos_train", "images_val"):

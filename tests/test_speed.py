@@ -37,7 +37,7 @@ def test_compiled_blocks_match_eager_and_stop_recompiling(demo, tmp_path, monkey
         graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
         return out
     monkeypatch.setattr(model_module.SCLModel, "forward", counting)
-    run = dict(data=demo["images_train"], video_data=demo["videos_train"], steps=6, w_mlm=0, w_scl=0, eval_every=0)
+    run = dict(data=demo["images_train"], video_data=demo["videos_train"], steps=6, w_mlm=0, w_mvsc=0, w_mlsc=0, eval_every=0)
     train.main(flags(out=str(tmp_path / "eager"), **run))
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()

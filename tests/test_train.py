@@ -6,6 +6,7 @@ import itertools
 import json
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -19,6 +20,7 @@ from PIL import Image
 
 import eval as ev
 import model as model_module
+import batches
 import train
 from data import DataError, Tokenizer, read_jsonl, write_jsonl
 from demo import make_demo
@@ -477,7 +479,7 @@ def test_skip_bad_replaces_unreadable_samples(demo, tmp_path, capsys):
     train.main(flags(data=data, out=out, steps=6, batch_size=1, skip_bad=True, w_itm=0))
     ckpt = load(os.path.join(out, "last.pt"))
     report = [e for e in metrics(out) if "skipped" in e][0]
-    drawn = [i for batch in itertools.islice(iter(train.Stream(8, 1, 0, 1, seed=0)), 6) for _, i in batch]
+    drawn = [i for batch in itertools.islice(iter(batches.Stream(8, 1, 0, 1, seed=0)), 6) for _, i in batch]
     assert ckpt["step"] == 6 and ckpt["seen"]["image"] == 6  # every batch read was trained on
     assert report["skipped"] == sum(i % 2 == 0 for i in drawn) > 0
     assert {s.split(": ")[0] for s in report["skipped_first"]} <= {f"{data}:{i + 1}" for i in range(0, 8, 2)}
@@ -599,7 +601,7 @@ def test_finetune_retrieval_then_eval(pretrained, demo, tmp_path):
                      val_data=demo["images_val"], out=out, steps=3))
     ckpt = load(os.path.join(out, "last.pt"))
     assert ckpt["step"] == 3  # a new run from the pre-trained weights, not a continuation
-    assert ckpt["config"]["w_mlm"] == 0 and ckpt["config"]["w_scl"] == 0
+    assert ckpt["config"]["w_mlm"] == ckpt["config"]["w_mvsc"] == ckpt["config"]["w_mlsc"] == 0
     for e in train_entries(out):  # METHOD.md §7.1: ITC + ITM, no masking
         assert {"itc", "itm"} <= e.keys() and not {"mlm", "mvsc", "mlsc"} & e.keys()
         assert e["loss"] == pytest.approx(0.5 * e["itc"] + e["itm"], abs=1e-3)
@@ -705,3 +707,84 @@ def test_help_lists_every_field(capsys):
     # and the flags parse back into the fields
     cfg = train.parse_args(flags(out="x", steps=7, skip_bad=True, image_mask_ratio=0.5))
     assert (cfg.out, cfg.steps, cfg.skip_bad, cfg.image_mask_ratio, cfg.batch_size) == ("x", 7, True, 0.5, 4)
+
+# -----------------------------------------------------------------------------
+# the one list of losses: Config's w_* fields; everything else follows it
+
+
+def test_the_list_of_losses_cannot_drift(pretrained, demo, tmp_path):
+    """Every w_* field of Config has a flag, is checked, is reset by --init, is logged in training and gets a
+    panel in the curves; so does every term the forward of each task returns (VQA's and NLVR2's too)."""
+    from dataclasses import fields, replace
+    from guard import check_flags
+    from pictures import panel_names, read_curves
+    weights = [f.name for f in fields(model_module.Config) if f.name.startswith("w_")]
+    assert [w[2:] for w in weights] == list(model_module.LOSSES)
+    dests = {a.dest for a in train._parser()._actions}
+    for w in weights:
+        assert w in dests and w in train.INIT_RESETS, w
+        with pytest.raises(SystemExit, match=f"--{w.replace('_', '-')} -2"):
+            check_flags(replace(train.TrainConfig(), **{w: -2.0}))
+    nlvr2_data = make_demo(str(tmp_path / "pairs"), n_train=24, n_val=24, n_videos=2)
+    runs = {"pretrain": (pretrained[0], set(model_module.LOSSES))}
+    for task, data, val in (("vqa", demo["vqa_train"], demo["vqa_val"]),
+                            ("nlvr2", nlvr2_data["nlvr2_train"], nlvr2_data["nlvr2_val"])):
+        out = str(tmp_path / task)
+        train.main(flags(task=task, init=os.path.join(pretrained[0], "last.pt"), data=data, val_data=val,
+                         min_answer_count=1, out=out, steps=2, eval_every=0))
+        runs[task] = (out, {task})
+    for task, (out, terms) in runs.items():
+        for e in train_entries(out):  # every term the forward returned, and the total
+            assert terms | {"loss"} <= e.keys(), (task, e)
+        panels = panel_names([read_curves(os.path.join(out, "metrics.jsonl"))])
+        assert terms | {"loss", "lr"} <= set(panels), (task, panels)
+
+
+def test_model_config_is_a_function_of_the_settings(tmp_path):
+    """model_config: the preset with the flags' values; --init keeps the weights' sizes but resets the
+    recipe; retrieval turns off what it does not train; resume takes the checkpoint's config as it is."""
+    from dataclasses import asdict, replace
+    tok = Tokenizer.train(["a red circle", "a blue square"], 40)
+    cfg = train.parse_args(["--w-mvsc", "0", "--text-mask-ratio", "0.3", "--dropout", "0.2"])
+    config = train.model_config(cfg, None, tok)
+    tiny = model_module.CONFIGS["tiny"]
+    assert (config.w_mvsc, config.w_mlsc, config.text_mask_ratio, config.dropout) == (0.0, 1.0, 0.3, 0.2)
+    assert config.vocab_size == tok.vocab_size and config.text_width == tiny.text_width
+    assert replace(config, w_mvsc=tiny.w_mvsc, text_mask_ratio=tiny.text_mask_ratio, dropout=tiny.dropout,
+                   vocab_size=tiny.vocab_size, pad_token_id=tiny.pad_token_id) == tiny
+    saved = asdict(replace(tiny, text_width=96, w_mlm=0.0, mlm_ratio=0.3, dropout=0.05))
+    init = train.model_config(train.parse_args(["--init", "x.pt", "--task", "retrieval"]), saved)
+    assert init.text_width == 96 and init.dropout == 0.05            # the weights' own
+    assert (init.mlm_ratio, init.w_itc, init.w_itm) == (0.15, 0.5, 1.0)  # the recipe reset ...
+    assert init.w_mlm == init.w_mvsc == init.w_mlsc == 0.0            # ... to the task's
+    resumed = train.model_config(train.parse_args(["--resume"]), saved)
+    assert asdict(resumed) == saved
+    old = dict(saved, w_scl=0.0)  # a checkpoint from before MVSC and MLSC had a weight each
+    del old["w_mvsc"], old["w_mlsc"]
+    assert (train.model_config(train.parse_args(["--resume"]), old).w_mvsc,) == (0.0,)
+    vqa = train.model_config(train.parse_args(["--task", "vqa"]), None, tok, n_answers=7)
+    assert vqa.n_answers == 7 and not vqa.nlvr2
+
+
+@pytest.mark.parametrize("argv,expect", [
+    (["convert", "nlvr2", "{bad}", "--images", ".", "--out", "x.jsonl"], r"bad\.json:1: "),
+    (["shard", "{rows}", "--out", "{shards}"], r"already holds \.tar shards"),
+    (["shard", "{badrows}", "--out", "fresh"], r"badrows\.jsonl:1: image file not found"),
+    (["convert", "karpathy", "{missing}", "--out", "x.jsonl"], r"missing\.json"),
+])
+def test_data_command_line_errors_are_one_line(tmp_path, argv, expect):
+    """prepare_data.py run as a script, the way users meet it: a bad input file is one line naming it."""
+    (tmp_path / "bad.json").write_text('{"not": "nlvr2"}\n')
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "00000.tar").write_bytes(b"")
+    (tmp_path / "rows.jsonl").write_text("")
+    (tmp_path / "badrows.jsonl").write_text('{"image": "a.jpg", "caption": "x"}\n{"image": \n')
+    paths = {"bad": "bad.json", "rows": "rows.jsonl", "shards": "shards", "badrows": "badrows.jsonl",
+             "missing": "missing.json"}
+    argv = [a.format(**paths) for a in argv]
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "prepare_data.py"), *argv], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert re.search(expect, lines[0]), lines[0]
