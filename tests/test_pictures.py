@@ -5,6 +5,7 @@ The metrics files are written here in train.py's format: training lines {"step",
 skipped-sample lines.
 """
 import json
+import os
 import re
 
 import numpy as np
@@ -201,3 +202,26 @@ def test_bad_files_name_the_file_and_line(tmp_path):
         path.write_text(good + good + bad + "\n")
         with pytest.raises(DataError, match="metrics.jsonl:3: " + re.escape(why)):
             plot_curves(str(path.parent), str(tmp_path / "x.png"))
+
+
+def test_ablation_runs_each_setting_seed_and_length_once_and_draws_them(tmp_path, monkeypatch):
+    """ablation.py: the short runs of every setting first, one folder per (setting, seed, steps), the mean and
+    std over seeds in the table, and a figure with a point per setting and length."""
+    import ablation
+    calls = []
+
+    def fake_run(folder, flags, seed, steps):
+        calls.append((os.path.basename(folder), tuple(flags), seed, steps))
+        return {m: float(seed + steps / 100) for m, _ in ablation.HEADLINE}
+    monkeypatch.setattr(ablation, "one_run", fake_run)
+    results = ablation.main(["--settings", "all losses", "MVSC only", "--steps", "200", "1000", "--seeds", "0", "2",
+                             "--out", str(tmp_path)])
+    assert [c[0] for c in calls[:4]] == ["all_losses_s0_200", "MVSC_only_s0_200", "all_losses_s2_200",
+                                         "MVSC_only_s2_200"]
+    assert len(calls) == 8 and ("MVSC_only_s2_1000", ("--w-mlsc", "0"), 2, 1000) in calls
+    assert results["all losses"][1000][1]["images mass"] == 12.0
+    text = ablation.table({name: by_steps[200] for name, by_steps in results.items()})
+    assert "| images mass | 3.0 +- 1.4 | 3.0 +- 1.4 |" in text  # seeds 0 and 2: mean 3, sample std sqrt(2)
+    with Image.open(tmp_path / "ablation.png") as im:
+        assert im.size[0] == 3 * 360 and len(set(im.getdata())) > 5
+    assert json.loads((tmp_path / "ablation.json").read_text())["MVSC only"]["200"][0]["images mass"] == 2.0
