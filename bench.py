@@ -325,7 +325,7 @@ def cmd_train(args):
                 "--config", args.config, "--image-size", str(args.size), "--video-size", str(args.size),
                 "--batch-size", str(args.batch), "--steps", str(args.steps), "--log-every", str(args.steps // 4),
                 "--eval-every", "0", "--save-every", str(10 ** 9), "--workers", str(args.workers),
-                "--out", f"runs/bench_{'compiled' if compiled else 'eager'}", "--lr", "2e-5"]
+                "--out", f"runs/bench_{'compiled' if compiled else 'eager'}", "--lr", "2e-5", "--preset", "demo"]
         cuda = torch.cuda.is_available()
         if cuda:
             torch.cuda.reset_peak_memory_stats()

@@ -41,6 +41,8 @@ TASKS = ("pretrain", "retrieval", "vqa", "nlvr2")
 
 @dataclass
 class Settings:
+    preset: str = ""              # demo | paper (the defaults below are the demo's); empty: paper for pre-training on --data, else demo
+    dry_run: bool = False         # check the settings, the data and the model, print what would run, and stop
     data: str = ""                # image-text (or VQA) jsonl, or tar shards (README "Large data"); empty: the demo set
     video_data: str = ""          # video-text jsonl or tar shards, mixed with the image batches
     val_data: str = ""            # validation jsonl or shards (images/videos, each at its own size); empty: the demo's
@@ -85,6 +87,19 @@ class Settings:
     grad_checkpointing: bool = False  # recompute activations in the backward pass to save memory
 
 
+# Two named sets of defaults; every flag given on the command line overrides its preset's value.
+PRESETS = {
+    # the CPU demo: the defaults above (tiny model, 64 px, 200 steps from scratch)
+    "demo": {},
+    # the paper's pre-training recipe (METHOD.md §9): base, 288 px images, 4-frame 224 px clips, lr 2e-5 for the
+    # encoders and 5x for fusion and heads, 10% warm-up then linear decay, 100k steps; 64 x 8 accumulation is
+    # the paper's global batch of 4,096 on 8 GPUs
+    "paper": dict(config="base", image_size=288, video_size=224, frames=4, steps=100_000, batch_size=64, grad_accum=8,
+                  lr=2e-5, head_lr_mult=5.0, warmup=0.1, weight_decay=0.01, beta2=0.98, max_text_len=40,
+                  eval_every=5000, save_every=1000, workers=8),
+}
+PAPER_BATCH = 4096
+
 # The model Config fields a flag sets for this run (-1 keeps the task's or the checkpoint's value): every loss
 # weight of Config's one list of losses, what the masked passes hide, ITM's random share and dropout. --init
 # takes a checkpoint's weights and resets all but dropout to Config's defaults: the recipe is the task's.
@@ -93,10 +108,10 @@ MODEL_FLAGS = (*(f"w_{name}" for name in LOSSES), "mlm_ratio", "image_mask_ratio
 INIT_RESETS = tuple(name for name in MODEL_FLAGS if name != "dropout")
 TrainConfig = make_dataclass("TrainConfig", [(name, float, -1.0) for name in MODEL_FLAGS], bases=(Settings,))
 
-CHOICES = {"task": TASKS, "config": tuple(CONFIGS), "precision": PRECISIONS}
+CHOICES = {"task": TASKS, "config": tuple(CONFIGS), "precision": PRECISIONS, "preset": tuple(PRESETS)}
 # what may differ on --resume; everything else is the run's and is restored from the checkpoint
 RESUMABLE = {"steps", "workers", "eval_every", "save_every", "log_every", "max_bad_steps", "skip_bad", "device",
-             "precision", "compile", "grad_checkpointing", "resume", "out"}
+             "precision", "compile", "grad_checkpointing", "resume", "out", "dry_run"}
 
 
 def _comments(cls):
@@ -170,6 +185,15 @@ def lr_factor(step, cfg):
     """Linear warm-up over the first `warmup` fraction of steps, then linear decay to 0."""
     warm = max(1, round(cfg.warmup * cfg.steps))
     return (step + 1) / warm if step < warm else max(0.0, (cfg.steps - step) / max(1, cfg.steps - warm))
+
+
+def with_preset(cfg, given):
+    """The preset's values for every flag not given. On --resume the run's saved settings come back instead
+    (resume_settings), whatever the presets say today."""
+    if cfg.resume:
+        return cfg
+    name = cfg.preset or ("paper" if (cfg.data or cfg.video_data) and cfg.task == "pretrain" else "demo")
+    return replace(cfg, preset=name, **{k: v for k, v in PRESETS[name].items() if k not in given})
 
 
 def resume_settings(cfg, given, saved):
@@ -458,13 +482,14 @@ def main(argv=None):
 
 def train(argv, to_close, status):
     """The run, top to bottom: settings, data, tokenizer, model, optimiser, run folder, then the steps."""
-    cfg = parse_args(argv) if not isinstance(argv, TrainConfig) else argv
+    given = given_flags(argv)
+    cfg = with_preset(parse_args(argv) if not isinstance(argv, TrainConfig) else argv, given)
     check_flags(cfg)
     rank, world, device = setup_distributed(cfg)
     precision = resolve_precision(cfg.precision, device)
     guard = RunGuard(world, device)
     check_unlocked(cfg.out, rank == 0, guard.agree)
-    cfg, ckpt = starting_point(cfg, given_flags(argv), rank == 0)
+    cfg, ckpt = starting_point(cfg, given, rank == 0)
     torch.manual_seed(cfg.seed)
     cfg = with_demo_data(cfg, rank == 0, world)
     data = read_data(cfg, guard.skipped)
@@ -487,6 +512,10 @@ def train(argv, to_close, status):
         opt.load_state_dict(ckpt["optimizer"])
         run.step, run.seen, run.best, run.before = ckpt["step"], ckpt["seen"], ckpt["best"], ckpt.get("before")
 
+    if run.master:
+        describe_run(run, data, given, ckpt, world)
+    if cfg.dry_run:
+        return model
     take_run_folder(run, data, guard, to_close, status, world)
 
     # loaders: each modality keeps its own resolution and frame count
@@ -500,8 +529,8 @@ def train(argv, to_close, status):
     if cfg.compile:  # per block, in place (DDP's wrapper holds the same modules); validation runs eager
         run.model.compile_blocks()
     guard.catch_signals()
-    val_sets = {kind: ([r for r in data["val"] if r["kind"] == kind], sizes[kind]) for kind in ("image", "video")}
-    val_sets = {kind: v for kind, v in val_sets.items() if v[0]}
+    val_sets = {kind: ([r for r in data["val"] if r["kind"] == kind], sizes[kind]) for kind in ("image", "video")
+                if any(r["kind"] == kind for r in data["val"])}  # each modality at its own size
 
     if run.before is None:
         run.before = validate(run, val_sets, guard)
@@ -524,13 +553,42 @@ def take_run_folder(run, data, guard, to_close, status, world):
                   else "no checkpoint was written")
     if run.master:
         run.tokenizer.save(cfg.out)  # beside the checkpoints (which carry it too), for use outside this code
-        names = {"image": "image-pair" if cfg.task == "nlvr2" else "image", "video": "video"}
-        what = ", ".join(f"{len(d)} {names[k]} {'shards' if isinstance(d, Shards) else 'rows'}"
-                         for k, d in data.items() if k != "val")
-        print(f"model: {sum(p.numel() for p in run.model.parameters()) / 1e6:.1f}M parameters, {what}, device "
-              f"{run.device} ({run.precision}), world {world}")
         run.log = open(os.path.join(cfg.out, "metrics.jsonl"), "a")
         to_close.append(run.log.close)
+
+
+def describe_run(run, data, given, ckpt, world):
+    """What is about to run, in a few lines: the preset and what differs from it, the model and the data, where
+    the weights come from, the global batch against the paper's."""
+    cfg = run.cfg
+    if not cfg.resume:
+        preset = {**asdict(Settings()), **PRESETS[cfg.preset]}
+        differ = [f"--{k.replace('_', '-')} {getattr(cfg, k)}" for k in sorted(given)
+                  if k in preset and getattr(cfg, k) != preset[k] and k not in ("out", "data", "video_data", "val_data", "preset", "dry_run")]
+        about = "the paper's pre-training recipe (METHOD.md §9)" if cfg.preset == "paper" else \
+            "the CPU demo's settings: a tiny model for minutes" + (" (--preset paper: the paper's recipe)" if
+                                                                   cfg.task == "pretrain" else "")
+        print(f"preset {cfg.preset}: {about}" + (f"; changed by the flags: {', '.join(differ)}" if differ else ""))
+    names = {"image": "image-pair" if cfg.task == "nlvr2" else "image", "video": "video"}
+    what = ", ".join(f"{len(d)} {names[k]} {'shards' if isinstance(d, Shards) else 'rows'}"
+                     for k, d in data.items() if k != "val")
+    print(f"model: {sum(p.numel() for p in run.model.parameters()) / 1e6:.1f}M parameters, {what}, device "
+          f"{run.device} ({run.precision}), world {world}")
+    if ckpt is not None:
+        print(f"weights: from {cfg.init or os.path.join(cfg.out, 'last.pt')}")
+    elif cfg.text or cfg.vision:
+        print(f"weights: text encoder {'from ' + cfg.text if cfg.text else 'from scratch'}, vision encoder "
+              f"{'from ' + cfg.vision if cfg.vision else 'from scratch'}")
+    else:
+        print("weights: none given, both encoders start from random weights (the paper starts from CLIP ViT-B/16 "
+              "and RoBERTa-base: pass --vision ViT-B-16.pt --text roberta-base/)")
+    total = cfg.batch_size * cfg.grad_accum * world
+    print(f"global batch: {cfg.batch_size} x {cfg.grad_accum} accumulation x {world} ranks = {total} (the paper's: "
+          f"{PAPER_BATCH:,}); {cfg.steps:,} steps")
+    if run.device.type == "cpu" and cfg.preset == "paper":
+        hours = cfg.steps * total * 2 / 3600  # at least 2 s a sample for base on 2 cores (RESULTS.md "CPU speed")
+        print(f"no GPU: on a CPU, base takes at least 2 s a sample, so this run would take {hours / 24:,.0f} days or "
+              f"more; for a quick run on this data: --preset demo")
 
 
 def train_steps(run, model, streams, val_sets, guard, status, rank, world):
