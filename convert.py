@@ -9,6 +9,23 @@ import warnings
 from data import DataError, json_objects
 
 
+def _read_json(path, key=None):
+    """A JSON annotation file (or its top-level `key`); a file that is not one is a DataError naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}:{getattr(e, 'lineno', 1)}: not a JSON file ({getattr(e, 'msg', e)})") from None
+    if key is not None and not (isinstance(data, dict) and key in data):
+        raise DataError(f"{path}: no {key!r} at the top level: not the annotation file this converter reads")
+    return data if key is None else data[key]
+
+
+def _field_error(path, what, n, e):
+    """A DataError for an annotation entry that lacks a field or has the wrong type."""
+    return DataError(f"{path}: {what} {n}: {type(e).__name__}: {e} (not the annotation format this converter reads)")
+
+
 def _warn_missing(rows, key):
     missing = sum(not os.path.isfile(r[key]) for r in rows)
     if missing:
@@ -18,16 +35,17 @@ def _warn_missing(rows, key):
 def convert_karpathy(json_path, split, images_root):
     """Karpathy split json (COCO or Flickr30K dataset_*.json) -> rows with grouped captions.
     train takes restval too; val/test keep the first 5 captions (the standard protocol)."""
-    with open(json_path) as f:
-        data = json.load(f)
     want = ("train", "restval") if split == "train" else (split,)
     rows = []
-    for im in data["images"]:
-        if im["split"] not in want:
-            continue
-        caps = [s["raw"].strip() for s in im["sentences"] if s["raw"].strip()]
+    for n, im in enumerate(_read_json(json_path, "images")):
+        try:
+            if im["split"] not in want:
+                continue
+            caps = [s["raw"].strip() for s in im["sentences"] if s["raw"].strip()]
+            path = os.path.join(images_root, im.get("filepath", ""), im["filename"])
+        except (KeyError, TypeError, AttributeError) as e:
+            raise _field_error(json_path, "image", n, e) from None
         caps = caps if split == "train" else caps[:5]
-        path = os.path.join(images_root, im.get("filepath", ""), im["filename"])
         rows.append(dict(image=os.path.abspath(path), caption=caps, id=im.get("cocoid", im.get("imgid"))))
     _warn_missing(rows, "image")
     return rows
@@ -45,16 +63,21 @@ def convert_msrvtt(split_file, videos_root, data_json=None):
 
     def video(vid):
         return os.path.abspath(os.path.join(videos_root, vid + ".mp4"))
+    if table and "video_id" not in table[0]:
+        raise DataError(f"{split_file}: no video_id column (the JSFusion csv has key,vid_key,video_id,sentence)")
     if table and "sentence" in table[0]:
-        rows = [dict(video=video(t["video_id"]), caption=t["sentence"].strip(), id=t["video_id"]) for t in table]
+        rows = [dict(video=video(t["video_id"]), caption=(t["sentence"] or "").strip(), id=t["video_id"])
+                for t in table]
     else:
         if data_json is None:
-            raise ValueError("a list of training videos needs --data-json (MSRVTT_data.json) for the captions")
-        with open(data_json) as f:
-            sentences = json.load(f)["sentences"]
+            raise DataError(f"{split_file}: a list of training videos needs --data-json (MSRVTT_data.json) for "
+                            f"the captions")
         caps = {}
-        for s in sentences:
-            caps.setdefault(s["video_id"], []).append(s["caption"].strip())
+        for n, s in enumerate(_read_json(data_json, "sentences")):
+            try:
+                caps.setdefault(s["video_id"], []).append(s["caption"].strip())
+            except (KeyError, TypeError, AttributeError) as e:
+                raise _field_error(data_json, "sentence", n, e) from None
         rows = [dict(video=video(t["video_id"]), caption=caps[t["video_id"]], id=t["video_id"])
                 for t in table if caps.get(t["video_id"])]
         if len(rows) < len(table):
@@ -67,22 +90,27 @@ def convert_vqa(questions_json, images_root, annotations_json=None, subtype=None
     """VQA v2 questions (+ annotations) -> rows {image, question, question_id, image_id, answers}.
     images_root holds the COCO files themselves (e.g. coco/val2014). Without annotations
     (test-dev) answers are []."""
-    with open(questions_json) as f:
-        qdata = json.load(f)
+    qdata = _read_json(questions_json)
+    questions = _read_json(questions_json, "questions")
     sub = subtype or qdata.get("data_subtype")
     if not sub:
-        raise ValueError(f"{questions_json}: no data_subtype; pass subtype (e.g. val2014)")
+        raise DataError(f"{questions_json}: no data_subtype; pass --subtype (e.g. val2014)")
     img_sub = "test2015" if sub.startswith("test") else sub  # test-dev2015 asks about test2015 images
     answers = {}
     if annotations_json:
-        with open(annotations_json) as f:
-            for a in json.load(f)["annotations"]:
+        for n, a in enumerate(_read_json(annotations_json, "annotations")):
+            try:
                 answers[a["question_id"]] = [x["answer"] for x in a["answers"]]
+            except (KeyError, TypeError) as e:
+                raise _field_error(annotations_json, "annotation", n, e) from None
     rows = []
-    for q in qdata["questions"]:
-        path = os.path.join(images_root, f"COCO_{img_sub}_{q['image_id']:012d}.jpg")
-        rows.append(dict(image=os.path.abspath(path), question=q["question"], question_id=q["question_id"],
-                         image_id=q["image_id"], answers=answers.get(q["question_id"], [])))
+    for n, q in enumerate(questions):
+        try:
+            path = os.path.join(images_root, f"COCO_{img_sub}_{q['image_id']:012d}.jpg")
+            rows.append(dict(image=os.path.abspath(path), question=q["question"], question_id=q["question_id"],
+                             image_id=q["image_id"], answers=answers.get(q["question_id"], [])))
+        except (KeyError, TypeError, ValueError) as e:
+            raise _field_error(questions_json, "question", n, e) from None
     _warn_missing(rows, "image")
     return rows
 

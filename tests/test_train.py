@@ -772,6 +772,12 @@ def test_model_config_is_a_function_of_the_settings(tmp_path):
     (["shard", "{rows}", "--out", "{shards}"], r"already holds \.tar shards"),
     (["shard", "{badrows}", "--out", "fresh"], r"badrows\.jsonl:1: image file not found"),
     (["convert", "karpathy", "{missing}", "--out", "x.jsonl"], r"missing\.json"),
+    (["convert", "karpathy", "{notjson}", "--out", "x.jsonl"], r"notjson\.json:1: not a JSON file"),
+    (["convert", "karpathy", "{nosentences}", "--split", "test", "--out", "x.jsonl"],
+     r"nosentences\.json: image 0: KeyError: 'sentences'"),
+    (["convert", "vqa", "{bad}", "--out", "x.jsonl"], r"bad\.json: no 'questions'"),
+    (["convert", "msrvtt", "{table}", "--out", "x.jsonl"], r"table\.csv: no video_id column"),
+    (["convert", "msrvtt", "{ids}", "--out", "x.jsonl"], r"ids\.txt: a list of training videos needs --data-json"),
 ])
 def test_data_command_line_errors_are_one_line(tmp_path, argv, expect):
     """prepare_data.py run as a script, the way users meet it: a bad input file is one line naming it."""
@@ -780,8 +786,13 @@ def test_data_command_line_errors_are_one_line(tmp_path, argv, expect):
     (tmp_path / "shards" / "00000.tar").write_bytes(b"")
     (tmp_path / "rows.jsonl").write_text("")
     (tmp_path / "badrows.jsonl").write_text('{"image": "a.jpg", "caption": "x"}\n{"image": \n')
+    (tmp_path / "notjson.json").write_text("{bad")
+    (tmp_path / "nosentences.json").write_text('{"images": [{"split": "test", "filename": "a.jpg"}]}')
+    (tmp_path / "table.csv").write_text("a,b\n1,2\n")
+    (tmp_path / "ids.txt").write_text("video7\n")
     paths = {"bad": "bad.json", "rows": "rows.jsonl", "shards": "shards", "badrows": "badrows.jsonl",
-             "missing": "missing.json"}
+             "missing": "missing.json", "notjson": "notjson.json", "nosentences": "nosentences.json",
+             "table": "table.csv", "ids": "ids.txt"}
     argv = [a.format(**paths) for a in argv]
     proc = subprocess.run([sys.executable, os.path.join(REPO, "prepare_data.py"), *argv], cwd=tmp_path,
                           capture_output=True, text=True, timeout=120)
