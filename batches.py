@@ -104,8 +104,10 @@ def ignore_signals(worker_id):
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def loader(ds, cfg, collate, batch, rank, world, seen):
-    common = dict(num_workers=cfg.workers, pin_memory=torch.cuda.is_available(), persistent_workers=cfg.workers > 0,
+def loader(ds, cfg, collate, batch, rank, world, seen, device):
+    """An endless iterator of batches for this rank, starting after `seen` batches. Pinned memory only when the
+    batches go to a GPU (the run's --device, not what the machine has)."""
+    common = dict(num_workers=cfg.workers, pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0,
                   worker_init_fn=ignore_signals)
     if isinstance(ds, ShardStream):  # each worker streams batches of its own shards (shards.py)
         return iter(torch.utils.data.DataLoader(ds, batch_size=None, collate_fn=WithPosition(TrainCollator(collate)),

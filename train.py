@@ -82,7 +82,7 @@ class Settings:
     max_bad_steps: int = 20       # stop after this many non-finite steps in a row
     skip_bad: bool = False        # skip (and count) unreadable samples instead of stopping
     device: str = "auto"          # auto, cpu, cuda or cuda:N
-    precision: str = "auto"       # auto | bf16 | fp32: auto is bf16 autocast on GPUs and on CPUs with native bf16
+    precision: str = "auto"       # auto | bf16 | fp32 (on CUDA: TF32 matmuls): auto is bf16 autocast on GPUs and on CPUs with native bf16
     compile: bool = False         # torch.compile the model
     grad_checkpointing: bool = False  # recompute activations in the backward pass to save memory
 
@@ -99,6 +99,7 @@ PRESETS = {
                   eval_every=5000, save_every=1000, workers=8),
 }
 PAPER_BATCH = 4096
+DATA_WAIT_WARN = 0.25  # share of a log interval spent waiting for the loader above which the run says so
 
 # The model Config fields a flag sets for this run (-1 keeps the task's or the checkpoint's value): every loss
 # weight of Config's one list of losses, what the masked passes hide, ITM's random share and dropout. --init
@@ -427,7 +428,8 @@ def validate(run, val_sets, guard):
         with torch.compiler.set_stance("force_eager"):
             for kind, (rows, size) in val_sets.items():
                 kw = dict(device=run.device, max_len=cfg.max_text_len, batch_size=cfg.batch_size, image_size=size,
-                          frames=cfg.frames, skip_bad=cfg.skip_bad, skipped=bad, stop=guard.stop_requested)
+                          frames=cfg.frames, skip_bad=cfg.skip_bad, skipped=bad, stop=guard.stop_requested,
+                          precision=run.precision)  # the run's --precision
                 if cfg.task == "vqa":
                     score, _ = evaluate_vqa(run.model, run.tokenizer, rows, run.answers, **kw)
                     results[kind] = {"vqa": score, "score": score}
@@ -487,6 +489,8 @@ def train(argv, to_close, status):
     check_flags(cfg)
     rank, world, device = setup_distributed(cfg)
     precision = resolve_precision(cfg.precision, device)
+    if device.type == "cuda" and precision == "fp32":  # fp32 on a GPU means TF32 matmuls, as the field uses it
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     guard = RunGuard(world, device)
     check_unlocked(cfg.out, rank == 0, guard.agree)
     cfg, ckpt = starting_point(cfg, given, rank == 0)
@@ -519,7 +523,7 @@ def train(argv, to_close, status):
     take_run_folder(run, data, guard, to_close, status, world)
 
     # loaders: each modality keeps its own resolution and frame count
-    streams = {kind: loader(ds, cfg, collate, batch, rank, world, run.seen[kind]) for kind, (ds, batch) in sets.items()}
+    streams = {kind: loader(ds, cfg, collate, batch, rank, world, run.seen[kind], device) for kind, (ds, batch) in sets.items()}
     to_close.append(lambda: [stop_workers(s) for s in streams.values()])
     guard.track_shards(Positions({k: ds for k, (ds, _) in sets.items() if isinstance(ds, ShardStream)}))
     if world > 1:  # a loss that is off leaves parameters without gradients, which DDP must be told
@@ -604,7 +608,7 @@ def train_steps(run, model, streams, val_sets, guard, status, rank, world):
         guard.start_step(run.seen)
         for k in range(cfg.grad_accum):
             kind = "video" if is_video_step(micro, ratio) else "image"
-            batch = guard.take(next(streams[kind]), kind, run.seen)
+            batch = guard.take(meter.next(streams[kind]), kind, run.seen)
             if batch is None:  # a bad sample on some rank: every rank stops at the state before this step
                 guard.stop_on_bad_data(save(run, last, status, at=guard.positions_before()))
             micro += 1
@@ -651,11 +655,18 @@ class Meter:
     and read once per log interval: no host sync inside a step."""
 
     def __init__(self, device, world, accum):
-        self.device, self.world, self.accum = device, world, accum
+        self.device, self.world, self.accum, self.warned = device, world, accum, False
         self.reset()
 
     def reset(self):
-        self.sums, self.samples, self.micro, self.t0 = {}, 0, 0, time.time()
+        self.sums, self.samples, self.micro, self.wait, self.t0 = {}, 0, 0, 0.0, time.time()
+
+    def next(self, stream):
+        """The stream's next batch, timing how long the step waited for the loader."""
+        t = time.perf_counter()
+        batch = next(stream)
+        self.wait += time.perf_counter() - t
+        return batch
 
     def add(self, out, batch):
         """One micro-step's output dict and its batch size on this rank."""
@@ -666,23 +677,30 @@ class Meter:
         self.micro += 1
 
     def read(self):
-        """-> ({term: its mean per step over the interval; terms that stayed 0 (off) left out}, samples/s)."""
+        """-> ({term: its mean per step over the interval; terms that stayed 0 (off) left out}, samples/s, the
+        share of the interval spent waiting for the loader)."""
         steps = self.micro // self.accum
         means = {k: v.item() / steps for k, v in self.sums.items()}
         means = {k: round(x, 4) if math.isfinite(x) else None for k, x in means.items() if x != 0}  # JSON: no NaN
-        rate = self.samples / (time.time() - self.t0)
+        wall = time.time() - self.t0
+        rate, wait = self.samples / wall, min(1.0, self.wait / wall)
         self.reset()
-        return means, rate
+        return means, rate, wait
 
 
 def log_interval(run, meter, guard, bar, lr, status):
     """One line of metrics.jsonl; the run stops when the non-finite steps in a row reach --max-bad-steps."""
-    means, rate = meter.read()
+    means, rate, wait = meter.read()
     n_bad, streak = guard.nonfinite_counts()
-    entry = {"step": run.step, "lr": lr, "nonfinite_steps": n_bad, "samples_per_s": rate}
+    entry = {"step": run.step, "lr": lr, "nonfinite_steps": n_bad, "samples_per_s": rate, "data_wait": round(wait, 3)}
     entry.update({k: means[k] for k in sorted(means, key=lambda k: k != "loss")})  # the total first
     bar.set_postfix(loss=entry.get("loss"), sps=round(rate, 1))
     run.record(entry)
+    # the first interval holds the workers' start; later, a step that mostly waits for data wants more workers
+    if run.master and wait > DATA_WAIT_WARN and run.step > run.cfg.log_every and not meter.warned:
+        meter.warned = True
+        bar.write(f"step {run.step}: {wait:.0%} of the time went to waiting for data: raise --workers (now "
+                  f"{run.cfg.workers}; videos want about 8 per GPU)")
     # the gradient norm is all-reduced, so every rank sees the same streak and stops here too
     if streak >= run.cfg.max_bad_steps:
         failed = save(run, os.path.join(run.cfg.out, "nonfinite.pt"), status)

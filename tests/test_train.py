@@ -31,9 +31,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # helpers
 
 # tiny runs: 32 px images and 2-frame 32 px clips, 16 tokens, a 300-word vocabulary, log every step
-# (the demo preset: with --data, train.py would otherwise take the paper's recipe)
+# (the demo preset: with --data, train.py would otherwise take the paper's recipe; the CPU, whatever the machine
+# has: the 2-rank tests then run on gloo, never on one GPU each)
 TINY = dict(preset="demo", batch_size=4, workers=0, image_size=32, video_size=32, frames=2, max_text_len=16,
-            vocab_size=300, log_every=1, eval_every=2, precision="fp32")  # fp32: exact comparisons (bf16: own tests)
+            vocab_size=300, log_every=1, eval_every=2, device="cpu",
+            precision="fp32")  # fp32: exact comparisons (bf16 has its own tests)
 
 
 def flags(**kw):
