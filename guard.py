@@ -4,6 +4,7 @@ clear message when the disk is full, and the decisions all DDP ranks must take t
 train.py calls these; none of it is needed to read the training algorithm itself.
 """
 import dataclasses
+import datetime
 import errno
 import signal
 import fcntl
@@ -28,6 +29,7 @@ def check_flags(cfg):
     for name in ("video_batch_size", "workers", "eval_every", "val_k", "weight_decay", "clip_grad"):
         need(getattr(cfg, name) >= 0, name, "must be 0 or more")
     need(cfg.lr > 0, "lr", "must be positive")
+    need(cfg.vote_timeout > 0, "vote_timeout", "must be positive (minutes)")
     need(cfg.head_lr_mult > 0, "head_lr_mult", "must be positive")
     need(0 < cfg.beta2 < 1, "beta2", "must lie in (0, 1)")
     need(0 <= cfg.warmup <= 1, "warmup", "is a fraction of the steps, in [0, 1]")
@@ -276,22 +278,35 @@ class Agreement:
     """Decisions every rank must take together (stop, a failed save, bad data on one rank): one tiny
     all-reduce (max) over a gloo group on the CPU, so it never waits for the GPU."""
 
-    def __init__(self, world):
-        self.group = dist.new_group(backend="gloo") if world > 1 else None
+    def __init__(self, world, timeout_minutes=120.0):
+        """timeout_minutes: how long a rank waits here for the others. While rank 0 validates (or saves) the
+        other ranks wait in this group, so it must cover the longest validation (--vote-timeout)."""
+        self.minutes = timeout_minutes
+        self.group = dist.new_group(backend="gloo", timeout=datetime.timedelta(minutes=timeout_minutes)) \
+            if world > 1 else None
 
     def __call__(self, code):
         if self.group is None:
             return code
         x = torch.tensor([code], dtype=torch.int64)
-        dist.all_reduce(x, op=dist.ReduceOp.MAX, group=self.group)
+        self._wait(dist.all_reduce, x, op=dist.ReduceOp.MAX, group=self.group)
         return int(x)
+
+    def _wait(self, collective, *args, **kwargs):
+        try:
+            collective(*args, **kwargs)
+        except RuntimeError as e:
+            if "timed out" not in str(e).lower() and "timeout" not in str(e).lower():
+                raise
+            raise SystemExit(f"rank {dist.get_rank()} waited more than --vote-timeout {self.minutes:g} minutes for "
+                             f"the other ranks (rank 0 validates and saves meanwhile): raise --vote-timeout") from None
 
     def gather(self, obj):
         """[obj of every rank]"""
         if self.group is None:
             return [obj]
         out = [None] * dist.get_world_size()
-        dist.all_gather_object(out, obj, group=self.group)
+        self._wait(dist.all_gather_object, out, obj, group=self.group)
         return out
 
 
@@ -310,8 +325,8 @@ class RunGuard:
     - the readers' positions in tar shards after the batches trained on (what last.pt keeps);
     - the samples skipped under --skip-bad, for the report at the end."""
 
-    def __init__(self, world, device):
-        self.agree = Agreement(world)
+    def __init__(self, world, device, timeout_minutes=120.0):
+        self.agree = Agreement(world, timeout_minutes)
         self.signal, self.stopping, self.error = None, False, None
         self.bad_total, self.bad_streak = torch.zeros((), device=device), torch.zeros((), device=device)
         self.where, self.skipped, self.val_skipped = None, [], set()

@@ -80,6 +80,7 @@ class Settings:
     save_every: int = 200         # write <out>/last.pt every N steps (and at the end)
     log_every: int = 10           # append losses to metrics.jsonl every N steps
     max_bad_steps: int = 20       # stop after this many non-finite steps in a row
+    vote_timeout: float = 120.0   # minutes a rank waits for the others (rank 0 validates meanwhile): cover the longest validation
     skip_bad: bool = False        # skip (and count) unreadable samples instead of stopping
     device: str = "auto"          # auto, cpu, cuda or cuda:N
     precision: str = "auto"       # auto | bf16 | fp32 (on CUDA: TF32 matmuls): auto is bf16 autocast on GPUs and on CPUs with native bf16
@@ -112,7 +113,7 @@ TrainConfig = make_dataclass("TrainConfig", [(name, float, -1.0) for name in MOD
 CHOICES = {"task": TASKS, "config": tuple(CONFIGS), "precision": PRECISIONS, "preset": tuple(PRESETS)}
 # what may differ on --resume; everything else is the run's and is restored from the checkpoint
 RESUMABLE = {"steps", "workers", "eval_every", "save_every", "log_every", "max_bad_steps", "skip_bad", "device",
-             "precision", "compile", "grad_checkpointing", "resume", "out", "dry_run"}
+             "precision", "compile", "grad_checkpointing", "resume", "out", "dry_run", "vote_timeout"}
 
 
 def _comments(cls):
@@ -491,7 +492,7 @@ def train(argv, to_close, status):
     precision = resolve_precision(cfg.precision, device)
     if device.type == "cuda" and precision == "fp32":  # fp32 on a GPU means TF32 matmuls, as the field uses it
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    guard = RunGuard(world, device)
+    guard = RunGuard(world, device, cfg.vote_timeout)
     check_unlocked(cfg.out, rank == 0, guard.agree)
     cfg, ckpt = starting_point(cfg, given, rank == 0)
     torch.manual_seed(cfg.seed)

@@ -1,6 +1,8 @@
 """What the GPU path relies on, checked where a CPU can check it: the run's --precision reaches validation,
 pinned memory follows --device (not what the machine has), and the log says how long steps wait for data."""
 import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -9,7 +11,7 @@ import torch
 import batches
 import data
 import train
-from test_train import flags, images_jsonl, train_entries
+from test_train import REPO, flags, free_port, images_jsonl, train_entries
 
 
 @pytest.fixture(scope="module")
@@ -68,3 +70,49 @@ def test_data_wait_is_logged_and_a_slow_loader_is_named(demo, tmp_path, monkeypa
     assert min(slow_waits[1:]) > 0.5 and min(slow_waits[1:]) > max(fast[1:]), (slow_waits, fast)
     out = capsys.readouterr()
     assert "of the time went to waiting for data: raise --workers (now 0" in out.out + out.err
+
+
+SLOW_VALIDATION = """
+import sys, time
+sys.path.insert(0, {repo!r})
+import torch, train
+torch.set_num_threads(1)
+evaluate = train.evaluate_retrieval
+def slow(*a, **kw):
+    time.sleep({sleep})
+    return evaluate(*a, **kw)
+train.evaluate_retrieval = slow
+train.main(sys.argv[1:])
+"""
+
+
+def two_ranks_with_slow_validation(tmp_path, argv, sleep):
+    """train.main on 2 gloo ranks whose validation (rank 0's) takes `sleep` seconds more -> (codes, logs)."""
+    script = tmp_path / "slow_validation.py"
+    script.write_text(SLOW_VALIDATION.format(repo=REPO, sleep=sleep))
+    port, procs = free_port(), []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen([sys.executable, str(script), *argv], cwd=tmp_path, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    try:
+        logs = [p.communicate(timeout=300)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return [p.returncode for p in procs], logs
+
+
+def test_no_rank_times_out_while_rank_0_validates(demo, tmp_path):
+    """The other ranks wait in the vote while rank 0 validates: a validation longer than --vote-timeout stops
+    the run with a line naming the flag (not a hang, not a library traceback); a longer timeout lets it pass."""
+    data_path = images_jsonl(demo, tmp_path)
+    common = dict(data=data_path, val_data=data_path, steps=2, batch_size=2, eval_every=1, save_every=1)
+    codes, logs = two_ranks_with_slow_validation(
+        tmp_path, flags(out=str(tmp_path / "short"), vote_timeout=0.05, **common), sleep=8)  # 3 s < 8 s
+    assert codes[1] != 0 and "raise --vote-timeout" in logs[1], logs[1][-3000:]
+    codes, logs = two_ranks_with_slow_validation(
+        tmp_path, flags(out=str(tmp_path / "long"), vote_timeout=1, **common), sleep=8)
+    assert codes == [0, 0], "\n".join(log[-2000:] for log in logs)
