@@ -56,11 +56,13 @@ def info_nce(a, b, scale, a_all=None, b_all=None, rank=0, ids=None, ids_all=None
     """
     a_all = a if a_all is None else a_all
     b_all = b if b_all is None else b_all
-    labels = torch.arange(a.shape[0], device=a.device) + rank * a.shape[0]  # (B,)
-    if ids is not None:
-        same = (ids[:, None] == (ids if ids_all is None else ids_all)[None]).to(a.dtype)  # (B, W*B)
-        labels = same / same.sum(dim=1, keepdim=True)   # soft targets; a row always matches its own column
-    return F.cross_entropy(scale * a @ b_all.t(), labels) + F.cross_entropy(scale * b @ a_all.t(), labels)
+    with torch.autocast(a.device.type, enabled=False):  # logits up to 1/temperature: fp32, also under autocast
+        a, b, a_all, b_all = (x.float() if x.element_size() < 4 else x for x in (a, b, a_all, b_all))  # bf16 up
+        labels = torch.arange(a.shape[0], device=a.device) + rank * a.shape[0]  # (B,)
+        if ids is not None:
+            same = (ids[:, None] == (ids if ids_all is None else ids_all)[None]).to(a.dtype)  # (B, W*B)
+            labels = same / same.sum(dim=1, keepdim=True)   # soft targets; a row always matches its own column
+        return F.cross_entropy(scale * a @ b_all.t(), labels) + F.cross_entropy(scale * b @ a_all.t(), labels)
 
 
 def contrastive(a, b, scale, ids=None):

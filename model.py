@@ -355,8 +355,9 @@ class SCLModel(nn.Module):
         # and larger kernels and one compiled graph per modality instead of one per pass.
         pairs = {}                                                               # name -> (texts, masks, clips)
         if c.w_itm and B >= 2:  # a hard negative needs another pair in the batch
-            with torch.no_grad():
-                neg_t, neg_v = sample_hard_negatives(scale * img @ txt.t(), image_ids, c.itm_random)  # (B,), (B,)
+            with torch.no_grad(), torch.autocast(v.device.type, enabled=False):  # the similarity in fp32
+                sim = scale * img.float() @ txt.float().t()                                  # (B, B)
+                neg_t, neg_v = sample_hard_negatives(sim, image_ids, c.itm_random)           # (B,), (B,)
             # positives, (image i, its hard negative text), (hard negative image, text j)
             pairs["itm"] = (torch.cat([t, t[neg_t], t]), torch.cat([mask, mask[neg_t], mask]),  # (3B, L, H)
                             torch.cat([v, v, v[neg_v]]))                                   # (3B, T, 1+N, H)

@@ -116,3 +116,23 @@ def test_no_rank_times_out_while_rank_0_validates(demo, tmp_path):
     codes, logs = two_ranks_with_slow_validation(
         tmp_path, flags(out=str(tmp_path / "long"), vote_timeout=1, **common), sleep=8)
     assert codes == [0, 0], "\n".join(log[-2000:] for log in logs)
+
+
+def test_contrastive_logits_are_fp32_under_autocast():
+    """`.float()` before a matmul does not leave autocast: the ITC and SCL logits (up to 100 and 33) must be
+    computed in fp32 for real. Under bf16 autocast the losses equal the fp32 ones to fp32 rounding, where bf16
+    logits would be off by about 1e-2."""
+    import losses
+    g = torch.Generator().manual_seed(0)
+    a = torch.nn.functional.normalize(torch.randn(16, 64, generator=g), dim=-1)
+    b = torch.nn.functional.normalize(a + 0.3 * torch.randn(16, 64, generator=g), dim=-1)
+    ids = torch.tensor([0, 0, 1, 2] * 4)
+    want = (losses.info_nce(a, b, 100.0), losses.info_nce(a, b, 100.0, ids=ids),
+            losses.semantic_completion(a, b, 0.03))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert (a @ b.t()).dtype == torch.bfloat16  # what autocast does to a plain matmul
+        got = (losses.info_nce(a, b, 100.0), losses.info_nce(a, b, 100.0, ids=ids),
+               losses.semantic_completion(a, b, 0.03))
+    for w, x in zip(want, got):
+        assert x.dtype == torch.float32
+        torch.testing.assert_close(x, w, rtol=1e-6, atol=1e-6)
