@@ -6,7 +6,7 @@
         --modes eager --media images --repeats 4                   # CPU: fp32 vs bf16 alternating, MFU vs measured peak
     python bench.py data                                            # ONE loader worker: photos, clips; loose, tar
     python bench.py startup                               # data start-up: a 1M-line jsonl vs 1,000 tar shards
-    python bench.py parity --batch 32                     # GPU: bf16/compile vs CPU fp32, step time, memory
+    python bench.py parity --batch 32                     # GPU: fp32, bf16, compiled vs CPU fp32; images, videos
     python bench.py train --steps 100                     # GPU: train.py eager vs --compile, samples/s
 
 `step` times forward+backward + fused AdamW of every row in turn, `--repeats` rounds, and reports
@@ -14,42 +14,7 @@ the median. FLOPs per sample are counted once per input shape by torch.utils.flo
 (matmuls, convolutions and attention; no memory, no compute), so MFU = samples/s x FLOPs per sample / peak,
 with the peak from NVIDIA's data sheets (GPU_PEAKS) or, on a CPU, measured at start-up (cpu_peak).
 
-Notes (medians of the timed repeats; numbers within one list were measured in one run):
-- NVIDIA H200, torch 2.11+cu130, `base` with random weights, 40 tokens, 2026-11-28.
-  parity, batch 32, 224 px, fixed masks/negatives: CUDA fp32 equals CPU fp32 on every loss to the
-  4 decimals printed; bf16 autocast max relative error 0.44% (ITM 0.9672 vs 0.9630), bf16 +
-  torch.compile 0.50% (ITM 0.9678). The compiled forward matches; the compiled TRAINING step was
-  not timed: compiling forward+backward of `base` did not finish inside the 4-minute slot.
-  step (eager, bf16, fused AdamW), batch 32: images 224 px 0.285 s (112 samples/s, 19.0 GiB peak;
-  the first shape timed, may include warm-up), images 288 px 0.227 s (141 samples/s, 26.4 GiB),
-  4-frame 224 px videos 0.341 s (94 samples/s, 53.3 GiB).
-  train.py (`bench.py train`, eager, bf16, fused AdamW, 12 workers), demo images and videos
-  resized to 224 px, batch 32, alternating: 90-105 samples/s per 10-step interval after the
-  first, peak 52.8 GiB; 40 steps from random init took validation R@1 from 1% to 14.5%.
-- This machine: 2 cores of an AMD EPYC with avx512_bf16, torch 2.13 CPU, 2026-11-28, shared with other jobs
-  (load average 4-7 on 2 cores: absolute times move 2-4x with the load; compare rows of one run).
-  step, `base` with RoBERTa-base's text sizes, batch 4, 224 px, 40 tokens, eager, fp32 and bf16 alternating,
-  median of 4, on the idle machine (load average 1.3-1.8): 632 GFLOP/sample; forward+backward only: fp32
-  17.73 s/step (78% of 182.5 GFLOP/s measured), bf16 10.11 s (65% of 383.7); with fused AdamW: fp32 19.54 s
-  (70% of 186), bf16 10.76 s (60% of 395); peak RSS 9.5 GiB. Under load (4-7) the same rows took 82.4 and
-  63.1 s: only ratios within one run compare.
-  data, one worker, samples per CPU-second of the worker (its rate on a core of its own), before -> after the
-  JPEG draft, the keyframe list and the contiguous normalisation: 640x480 photos -> 288 px 133 -> 151;
-  2048x1536 photos -> 288 px 18 -> 64; 10 s 640x360 H.264 clips -> 4 x 224 px 10.8 -> 12.2 with a
-  keyframe every 30 frames, 4.4 -> 6.6 with x264's default 250.
-  data, the same samples as loose files vs in one tar shard (shards.py, 100-sample buffer), per CPU-second, two
-  runs at load 4-5: photos 108.5 / 107.1 vs 98.5 / 119.4; large photos 42.0 / 45.5 vs 44.7 / 46.4; GOP 30 clips
-  7.6 / 7.6 vs 7.6 / 6.8; GOP 250 3.3 / 3.0 vs 3.2 / 3.4 (equal within the load's noise).
-  startup: a 1M-line jsonl 21.3 s (read_jsonl + PairDataset), 1,000 shards 0.01 s; first batch of 32 at 288 px
-  1.5 s each (the shards: a 1,000-sample buffer filled first); warm caches, load 2.6.
-- This machine kind: 2 cores of an Intel Xeon with AMX (amx_bf16, avx512_bf16), torch 2.13 CPU, 2026-12-01, idle.
-  step, the `base` configuration above, fp32 and bf16 alternating, median of 4: fp32 16.86 s/step (53.6% of
-  279.8 GFLOP/s measured), bf16 7.79 s (20.9% of 1557); peak RSS 9.7 GiB. The CPU dropout mask
-  (vision.dropout: 15 random bits per element instead of bernoulli_), bf16 rows before -> after, two
-  alternating rounds: 8.69 -> 7.95 s and 10.23 -> 8.05 s; peak RSS 8.7 -> 7.9 GiB. Then bf16 attention written
-  out on the CPU (vision.attend), load average 4.3 (a SCHED_IDLE job beside it): fp32 15.30 s, bf16 6.03 s.
-  `tiny` step (batch 32, 64 px images, 16 tokens, bf16): 0.63 -> 0.34-0.40 s (tiny has no dropout: the attention
-  change alone). Demo (`python train.py`, farm-bench, 2 paired runs): 157 -> 104 s.
+The measurements, with the machines and dates, are in RESULTS.md ("Benchmarks").
 """
 import argparse
 import copy
@@ -199,7 +164,7 @@ def one_step(model, batch, opt, dev, precision):
 def time_step(model, batch, opt, repeats, cuda, autocast=True):
     """Median seconds of forward+backward+optimiser step; peak memory in GiB (CUDA)."""
     dev = next(model.parameters()).device
-    times = [one_step(model, batch, opt, dev, "bf16" if cuda and autocast else "fp32") for _ in range(repeats)]
+    times = [one_step(model, batch, opt, dev, "bf16" if autocast else "fp32") for _ in range(repeats)]
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else float("nan")
     return statistics.median(times[1:] if len(times) > 2 else times), peak
 
@@ -279,41 +244,50 @@ def cmd_step(args):
 
 
 def cmd_parity(args):
-    """bf16 autocast (eager and compiled) on the GPU against fp32 on the CPU, same weights/batch/draws."""
+    """fp32 and bf16 autocast (eager and per-block compiled, as train.py --compile) on the device against fp32 on
+    the CPU: the same weights, batches and draws, on images and videos. The draws are fixed (patch masks, hard
+    negatives: fixed_draws) and dropout is 0: a model in training mode draws its own dropout masks on each
+    device, which would measure dropout, not parity. Then the step time and memory of each path (images)."""
     fixed_draws()
     torch.manual_seed(0)
-    config = CONFIGS[args.config]
+    config = replace(CONFIGS[args.config], dropout=0.0)
     cpu_model = SCLModel(config)
     size = args.size or 224
-    batch = make_batch(config, args.batch, 1, size)
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        ref = {k: v.item() for k, v in cpu_model(batch).items()}
-    print(f"CPU fp32 forward: {time.perf_counter() - t0:.1f} s")
+    batches = {"images": make_batch(config, args.batch, 1, size), "videos": make_batch(config, args.batch, args.frames, size)}
     dev = torch.device(args.device)
     cuda = dev.type == "cuda"
-    gpu_model = SCLModel(config).to(dev)
-    gpu_model.load_state_dict(cpu_model.state_dict())
-    gbatch = {k: v.to(dev) for k, v in batch.items()}
-    paths = [(f"{dev.type} fp32", gpu_model, False), (f"{dev.type} bf16", gpu_model, cuda),
-             (f"{dev.type} bf16 compiled", torch.compile(gpu_model), cuda)]
-    rows = []
-    for name, m, amp in paths:  # all losses first: the timed steps below change the weights
-        with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
-            out = {k: v.item() for k, v in m(gbatch).items()}
-        rows.append([name, max(abs(out[k] - ref[k]) / max(abs(ref[k]), 1e-6) for k in ref)])
-        print(f"{name}: losses " + " ".join(f"{k}={out[k]:.4f}(cpu {ref[k]:.4f})" for k in ref))
-    opt = torch.optim.AdamW(gpu_model.parameters(), lr=1e-6, fused=True)
-    for row, (name, m, amp) in zip(rows, paths):
+    gpu_model = copy.deepcopy(cpu_model).to(dev)
+    paths = [(f"{dev.type} fp32", gpu_model, False), (f"{dev.type} bf16", gpu_model, True),
+             (f"{dev.type} bf16 compiled", copy.deepcopy(gpu_model).compile_blocks(), True)]
+    rows = {name: [name] for name, _, _ in paths}
+    for media, batch in batches.items():  # all losses first: the timed steps below change the weights
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            ref = {k: v.item() for k, v in cpu_model(batch).items()}
+        print(f"CPU fp32 forward, {media}: {time.perf_counter() - t0:.1f} s", flush=True)
+        gbatch = {k: v.to(dev) for k, v in batch.items()}
+        for name, m, amp in paths:
+            with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+                out = {k: v.item() for k, v in m(gbatch).items()}
+            rows[name].append(max(abs(out[k] - ref[k]) / max(abs(ref[k]), 1e-6) for k in ref))
+            print(f"{name}, {media}: losses " + " ".join(f"{k}={out[k]:.4f}(cpu {ref[k]:.4f})" for k in ref),
+                  flush=True)
+    gbatch = {k: v.to(dev) for k, v in batches["images"].items()}
+    for name, m, amp in paths:
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-6, fused=True)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         sec, peak = time_step(m, gbatch, opt, args.repeats, cuda=cuda, autocast=amp)
-        row += [sec, args.batch / sec, peak, time.perf_counter() - t0]
-    print(f"\n{torch.cuda.get_device_name() if cuda else 'CPU'} | {args.config}, batch {args.batch}, {size} px, 40 tokens")
-    print(f"{'path':<20}{'max rel err vs CPU fp32':>24}{'step s':>9}{'samples/s':>11}{'peak GiB':>10}{'wall s':>8}")
-    for name, err, sec, sps, peak, wall in rows:
-        print(f"{name:<20}{err:>24.2e}{sec:>9.3f}{sps:>11.1f}{peak:>10.1f}{wall:>8.0f}")
+        rows[name] += [sec, args.batch / sec, peak, time.perf_counter() - t0]
+    print(f"\n{torch.cuda.get_device_name() if cuda else 'CPU'} | {args.config} (dropout 0), batch {args.batch}, "
+          f"{size} px, videos {args.frames} frames, 40 tokens")
+    print(f"{'path':<20}{'max rel err: images':>20}{'videos':>8}{'step s':>9}{'samples/s':>11}{'peak GiB':>10}"
+          f"{'wall s':>8}")
+    for name, err_i, err_v, sec, sps, peak, wall in rows.values():
+        print(f"{name:<20}{err_i:>20.2e}{err_v:>8.1e}{sec:>9.3f}{sps:>11.1f}{peak:>10.1f}{wall:>8.0f}")
+    return rows
+
 
 def cmd_train(args):
     """train.py end to end on the demo images (resized to 224 px): eager vs --compile."""

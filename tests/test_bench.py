@@ -56,9 +56,30 @@ def test_flops_per_sample_do_not_depend_on_the_batch_counted():
     assert bench.flops_per_sample(c, 2, 32, 16) > bench.flops_per_sample(c, 1, 32, 16)  # a second frame costs
 
 
-def test_cpu_peak_is_a_positive_rate():
-    for dtype in (torch.float32, torch.bfloat16):
+def test_cpu_peak_is_a_positive_rate(monkeypatch):
+    for dtype in (torch.float32, torch.bfloat16):  # the real measurement: some finite positive rate
         assert 1e8 < bench.cpu_peak(dtype, n=256, repeats=2) < 1e15, dtype
+
+    # matmul_seconds is the best of its repeats: a clock that says 0.3, 0.1 and 0.2 s -> 0.1 s
+    ticks = iter([0.0, 0.3, 1.0, 1.1, 2.0, 2.2])
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: next(ticks))
+    assert bench.matmul_seconds(8, torch.float32, 3) == pytest.approx(0.1)
+    monkeypatch.undo()
+
+    # cpu_peak on a machine of known speed R flop/s (an n^3 matmul takes 2 n^3 / R s) is R; the size halves from
+    # 4096 while the 1024 timing scaled by (n / 1024)^3 is over 2 s
+    for rate, final_n in ((1e11, 4096),   # 1024: 0.021 s, x 64 = 1.4 s: 4096 is kept
+                          (2e10, 2048),   # 1024: 0.107 s, x 64 = 6.9 s; x 8 = 0.86 s: 2048
+                          (1e9, 1024)):   # 1024: 2.1 s, x 64, x 8 both over 2 s: 1024
+        calls = []
+
+        def fake(n, dtype, repeats):
+            calls.append((n, repeats))
+            return 2 * n ** 3 / rate
+
+        monkeypatch.setattr(bench, "matmul_seconds", fake)
+        assert bench.cpu_peak(torch.float32, repeats=3) == pytest.approx(rate), rate
+        assert calls == [(1024, 1), (final_n, 3)], rate
 
 
 def test_gpu_peaks_pick_the_right_card():
@@ -219,3 +240,23 @@ def test_bench_retrieval_counts(capsys):
     macs = c.fusion_layers * n * (8 * d * d + 2 * d * f + 2 * d * n) + 2 * d * d + 4 * d
     assert r["fusion_gflop_per_pair"] * 1e9 == pytest.approx(2 * macs, rel=1e-3)
     assert "pairs to fuse: 90" in capsys.readouterr().out
+
+
+def test_parity_compares_the_same_computation(monkeypatch, capsys):
+    """parity: the device's fp32 path against the CPU's fp32 is the same computation, so on the CPU its error is
+    0, on images and videos, even for a model with dropout (which the parity check turns off: two forwards in
+    training mode with dropout differ by their masks). bf16 is compared, not required to be equal."""
+    from dataclasses import replace
+    monkeypatch.setitem(bench.CONFIGS, "tiny", replace(bench.CONFIGS["tiny"], dropout=0.1))
+    monkeypatch.setattr(bench.SCLModel, "compile_blocks", lambda self: self)  # the compiler is timed elsewhere
+    import model as model_module
+    import vision
+    # fixed_draws replaces these two for the process: monkeypatch gives them back after the test
+    monkeypatch.setattr(vision, "tube_mask", vision.tube_mask)
+    monkeypatch.setattr(model_module, "sample_hard_negatives", model_module.sample_hard_negatives)
+    rows = bench.main(["parity", "--config", "tiny", "--device", "cpu", "--batch", "4", "--size", "32",
+                       "--frames", "2", "--repeats", "2"])
+    fp32 = rows["cpu fp32"]
+    assert fp32[1] == 0.0 and fp32[2] == 0.0, fp32
+    assert 0 < rows["cpu bf16"][1] < 0.05
+    assert "videos 2 frames" in capsys.readouterr().out
