@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from data import DataError, PairDataset, Tokenizer, read_jsonl
-from guard import check_eval_flags, check_writable, write_file
+from guard import check_eval_flags, check_writable, read_torch_file, write_file
 from model import (PRECISIONS, SCLModel, autocast, config_from_checkpoint, fit_modality_rows, resolve_precision,
                    saved_weights)
 from vqa_score import normalize_answer, vqa_accuracy
@@ -49,10 +49,9 @@ def load_model(ckpt_path, device="cpu", fresh_nlvr2_head=False):
     if not os.path.isfile(ckpt_path):
         raise CheckpointError(f"{ckpt_path}: checkpoint not found")
     try:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch's own messages run to paragraphs: their first line says what happened
-        first = (str(e).strip().splitlines() or [""])[0]
-        raise CheckpointError(f"{ckpt_path}: cannot read checkpoint ({type(e).__name__}: {first})") from None
+        ckpt = read_torch_file(ckpt_path)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(str(e) if isinstance(e, ValueError) else f"{ckpt_path}: cannot read ({e})") from None
     missing = [k for k in ("model", "config", "tokenizer") if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         raise CheckpointError(f"{ckpt_path}: not an SCL checkpoint (no {', '.join(missing)})")

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import tempfile
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -101,14 +102,29 @@ def save_checkpoint(path, state):
             os.remove(tmp)
 
 
+def read_torch_file(path):
+    """torch.load with the safe loader. A file it refuses is a ValueError of one line: the path and "not a
+    checkpoint". torch's own message runs to paragraphs and suggests turning the safe loader off, which is no
+    advice to follow for a file of unknown origin."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. the unpickler's note on pickle protocols
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise
+    except Exception as e:
+        raise ValueError(f"{path}: not a checkpoint written by train.py (torch.load could not read it: "
+                         f"{type(e).__name__})") from None
+
+
 def load_checkpoint(path):
     """A checkpoint written by this script (a plain state dict is refused with one line)."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = read_torch_file(path)
     except FileNotFoundError:
         raise SystemExit(f"{path}: checkpoint not found") from None
-    except Exception as e:
-        raise SystemExit(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
+    except (OSError, ValueError) as e:
+        raise SystemExit(str(e) if isinstance(e, ValueError) else f"{path}: cannot read ({e.strerror or e})") from None
     if not isinstance(ckpt, dict) or not {"model", "config", "tokenizer"} <= ckpt.keys():
         raise SystemExit(f"{path}: not an SCL checkpoint (no model/config/tokenizer; a plain state dict "
                          f"cannot say which model and tokenizer it belongs to)")

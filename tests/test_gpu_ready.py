@@ -136,3 +136,25 @@ def test_contrastive_logits_are_fp32_under_autocast():
     for w, x in zip(want, got):
         assert x.dtype == torch.float32
         torch.testing.assert_close(x, w, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("content", [b"hello", "pickle"])
+def test_a_file_that_is_not_a_checkpoint_is_one_line(tmp_path, content):
+    """--init, --resume and eval.py --ckpt with a file torch's safe loader refuses: one line with the path and
+    "not a checkpoint", never torch's advice to load it with the safe loader off."""
+    import pickle
+    path = tmp_path / "x.pt"
+    if content == "pickle":
+        path.write_bytes(pickle.dumps({"model": object}))  # arbitrary code would be needed to load it
+    else:
+        path.write_bytes(content)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "last.pt").write_bytes(path.read_bytes())
+    for cmd in (["train.py", "--init", str(path), "--out", str(tmp_path / "a"), "--dry-run"],
+                ["train.py", "--resume", "--out", str(tmp_path / "run")],
+                ["eval.py", "retrieval", "--ckpt", str(path), "--data", "x.jsonl"]):
+        proc = subprocess.run([sys.executable, os.path.join(REPO, cmd[0]), *cmd[1:]], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 1, proc.stderr
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and "not a checkpoint" in lines[0] and "weights_only" not in proc.stderr, proc.stderr
