@@ -207,10 +207,21 @@ def _holder(lock_path):
         return "?"
 
 
+def check_out_writable(out):
+    """--out can be made and written (checked at start-up, before any work; nothing is created here)."""
+    path = os.path.abspath(out)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    if not os.path.isdir(path) or not os.access(path, os.W_OK | os.X_OK):
+        what = "is a file, not a folder" if not os.path.isdir(path) else "cannot be written"
+        raise SystemExit(f"--out {out}: {path} {what}; choose another --out")
+
+
 def check_unlocked(out, master, agree):
     """Refuse early (before reading anything of the folder) when another run holds it. Rank 0 alone
     looks: on another rank the lock could already be rank 0's own, taken by claim_run_folder. Every
     rank stops with it."""
+    check_out_writable(out)
     busy, path = None, os.path.join(out, ".lock")
     if master and os.path.isfile(path):
         with open(path) as f:
@@ -270,12 +281,29 @@ def _claim(cfg, ckpt_step):
                 os.remove(os.path.join(cfg.out, name))
     metrics = os.path.join(cfg.out, "metrics.jsonl")
     if cfg.resume and os.path.exists(metrics):  # what was logged after the checkpoint is done again
-        with open(metrics) as f:
-            lines = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= ckpt_step]
+        lines = [line for line in _metrics_lines(metrics) if json.loads(line).get("step", 0) <= ckpt_step]
         with open(metrics + ".tmp", "w") as f:
             f.writelines(lines + [json.dumps({"step": ckpt_step, "resumed": True}) + "\n"])
         os.replace(metrics + ".tmp", metrics)
     return lock
+
+
+def _metrics_lines(path):
+    """The lines of a run's metrics.jsonl. A torn last line (a kill or a full disk mid-write) is dropped, and
+    said; a bad line before the last one stops the resume naming it."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = [line if line.endswith("\n") else line + "\n" for line in f if line.strip()]
+    good = []
+    for n, line in enumerate(lines, 1):
+        try:
+            json.loads(line)
+        except json.JSONDecodeError:
+            if n < len(lines):
+                raise SystemExit(f"{path}:{n}: not a JSON line; remove or repair it to resume") from None
+            print(f"{path}:{n}: dropped a torn last line (the run was stopped while writing it)")
+            continue
+        good.append(line)
+    return good
 
 
 def _alive(pid):

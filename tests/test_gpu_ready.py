@@ -158,3 +158,28 @@ def test_a_file_that_is_not_a_checkpoint_is_one_line(tmp_path, content):
         assert proc.returncode == 1, proc.stderr
         lines = [line for line in proc.stderr.splitlines() if line.strip()]
         assert len(lines) == 1 and "not a checkpoint" in lines[0] and "weights_only" not in proc.stderr, proc.stderr
+
+
+def test_resume_drops_a_torn_last_metrics_line(demo, tmp_path, capsys):
+    """A kill or a full disk mid-write leaves half a line at the end of metrics.jsonl: resume drops it, says
+    so, and continues; a bad line before the end is named instead."""
+    data_path, out = images_jsonl(demo, tmp_path), str(tmp_path / "run")
+    train.main(flags(data=data_path, out=out, steps=2, save_every=2, eval_every=0))
+    metrics = os.path.join(out, "metrics.jsonl")
+    with open(metrics, "a") as f:
+        f.write('{"step": 3, "lr": 0.0001, "lo')
+    train.main(flags(data=data_path, out=out, steps=3, save_every=2, eval_every=0, resume=True))
+    assert "dropped a torn last line" in capsys.readouterr().out
+    assert [e["step"] for e in train_entries(out)] == [1, 2, 3]
+    lines = open(metrics).read().splitlines()
+    with open(metrics, "w") as f:
+        f.write("\n".join(lines[:1] + ["{torn"] + lines[1:]) + "\n")
+    with pytest.raises(SystemExit, match=r"metrics\.jsonl:2: not a JSON line"):
+        train.main(flags(data=data_path, out=out, steps=4, eval_every=0, resume=True))
+
+
+def test_an_out_that_cannot_be_written_is_refused_at_start_up(demo, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit, match="is a file, not a folder"):
+        train.main(flags(data=images_jsonl(demo, tmp_path), out=str(blocker / "run"), steps=1))
