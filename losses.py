@@ -4,10 +4,19 @@ Nothing here reads a config or touches a batch dict: model.forward decides which
 and calls these with tensors. Distributed training is handled by `gather`, which is the identity
 on a single process.
 """
+import contextlib
+
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 import torch.nn.functional as F
+
+
+def fp32(device):
+    """A context outside autocast, for math that must be fp32: `.float()` before a matmul does not leave it.
+    (Nothing to leave on devices without autocast, e.g. "meta", where FLOPs are counted.)"""
+    return torch.autocast(device.type, enabled=False) if torch.amp.is_autocast_available(device.type) \
+        else contextlib.nullcontext()
 
 
 def world():
@@ -56,7 +65,7 @@ def info_nce(a, b, scale, a_all=None, b_all=None, rank=0, ids=None, ids_all=None
     """
     a_all = a if a_all is None else a_all
     b_all = b if b_all is None else b_all
-    with torch.autocast(a.device.type, enabled=False):  # logits up to 1/temperature: fp32, also under autocast
+    with fp32(a.device):  # logits up to 1/temperature: fp32, also under autocast
         a, b, a_all, b_all = (x.float() if x.element_size() < 4 else x for x in (a, b, a_all, b_all))  # bf16 up
         labels = torch.arange(a.shape[0], device=a.device) + rank * a.shape[0]  # (B,)
         if ids is not None:

@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from losses import contrastive, itm_loss, mlm_loss, nlvr2_loss, sample_hard_negatives, semantic_completion, vqa_loss
+from losses import contrastive, fp32, itm_loss, mlm_loss, nlvr2_loss, sample_hard_negatives, semantic_completion, vqa_loss
 from vision import MLP, Attention, Dropout, VisionTransformer, clip_to_ours, load_state, read_weights
 
 
@@ -355,7 +355,7 @@ class SCLModel(nn.Module):
         # and larger kernels and one compiled graph per modality instead of one per pass.
         pairs = {}                                                               # name -> (texts, masks, clips)
         if c.w_itm and B >= 2:  # a hard negative needs another pair in the batch
-            with torch.no_grad(), torch.autocast(v.device.type, enabled=False):  # the similarity in fp32
+            with torch.no_grad(), fp32(v.device):                                # the similarity in fp32
                 sim = scale * img.float() @ txt.float().t()                                  # (B, B)
                 neg_t, neg_v = sample_hard_negatives(sim, image_ids, c.itm_random)           # (B,), (B,)
             # positives, (image i, its hard negative text), (hard negative image, text j)

@@ -70,11 +70,20 @@ def test_bf16_cpu_forward_matches_fp32():
     assert out["bf16"] != out["fp32"]  # bf16 really ran
 
 
-def test_precision_choice():
-    assert resolve_precision("fp32", "cpu") == "fp32" and resolve_precision("bf16", "cpu") == "bf16"
-    native = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    assert resolve_precision("auto", "cpu") == ("bf16" if native else "fp32")
-    assert resolve_precision("auto", "cuda") == "bf16"
+def test_precision_choice(monkeypatch):
+    # a given precision is kept, on any device
+    for p in ("fp32", "bf16"):
+        assert resolve_precision(p, "cpu") == resolve_precision(p, "cuda") == resolve_precision(p, "cuda:1") == p
+    # auto, hand cases of the machine's answers: bf16 on a GPU whatever the CPU; on the CPU, only when oneDNN is
+    # there AND says it multiplies bf16
+    for available, bf16_cpu, cpu in ((True, True, "bf16"), (True, False, "fp32"), (False, True, "fp32"),
+                                     (False, False, "fp32")):
+        monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: available)
+        monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: bf16_cpu)
+        assert resolve_precision("auto", "cpu") == resolve_precision("auto", torch.device("cpu")) == cpu
+        for gpu in ("cuda", "cuda:1", torch.device("cuda", 0)):
+            assert resolve_precision("auto", gpu) == "bf16", gpu
+    monkeypatch.undo()  # the real answers again
     with autocast("cpu", "bf16"):
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
     with autocast("cpu", "fp32"):
