@@ -533,7 +533,7 @@ class PairDataset(torch.utils.data.Dataset):
             raise DataError(where) from e
         fix = swap_left_right if flipped else (lambda s: s)
         item = dict(pixels=pixels, index=i, row=r, seed=seed)  # row: which image, shared by its captions
-        if "label" in row:
+        if "paths" in row:  # an NLVR2 pair (its kind is decided by its media keys; a "label" alone is data)
             item.update(caption=fix(row["captions"][0]), label=row["label"])
         elif "question" in row:
             item.update(caption=fix(row["question"]), question=fix(row["question"]),
@@ -614,7 +614,7 @@ class Collator:
             batch["image_ids"] = torch.tensor([s["row"] for s in kept])  # (B,): ITC positives, never ITM negatives
         if "captions" in kept[0]:
             batch["captions"] = [s["captions"] for s in kept]
-        if "label" in kept[0]:  # NLVR2
+        if "label" in kept[0]:  # NLVR2 pairs (only their items carry a label)
             batch["nlvr2_labels"] = torch.tensor([int(s["label"]) for s in kept])
         if "question" in kept[0]:
             batch["answers"] = [s["answers"] for s in kept]

@@ -497,3 +497,14 @@ def test_checkpoints_from_before_dropout_keep_none():
     assert model_module.config_from_checkpoint(saved).dropout == 0.1
     del saved["dropout"]
     assert model_module.config_from_checkpoint(saved).dropout == 0.0
+
+
+@pytest.mark.parametrize("label", [3, "dog"])
+def test_an_image_row_with_a_label_field_is_an_image_row(demo, tmp_path, label):
+    """A row's kind comes from its media keys: an image-caption row that happens to carry "label" is not an
+    NLVR2 pair (it once crashed the collator, and with loader workers hung the run)."""
+    data = images_jsonl(demo, tmp_path, edit=lambda lines: [
+        lines.__setitem__(i, json.dumps({**json.loads(line), "label": label})) for i, line in enumerate(lines)])
+    out = str(tmp_path / "run")
+    train.main(flags(data=data, out=out, steps=2, eval_every=0))
+    assert [e["step"] for e in train_entries(out)] == [1, 2] and "nlvr2" not in train_entries(out)[0]
