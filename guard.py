@@ -320,7 +320,7 @@ def _alive(pid):
 
 class Agreement:
     """Decisions every rank must take together (stop, a failed save, bad data on one rank): one tiny
-    all-reduce (max) over a gloo group on the CPU, so it never waits for the GPU."""
+    all-reduce (a bitwise OR of the flags) over a gloo group on the CPU, so it never waits for the GPU."""
 
     def __init__(self, world, timeout_minutes=120.0):
         """timeout_minutes: how long a rank waits here for the others. While rank 0 validates (or saves) the
@@ -333,7 +333,7 @@ class Agreement:
         if self.group is None:
             return code
         x = torch.tensor([code], dtype=torch.int64)
-        self._wait(dist.all_reduce, x, op=dist.ReduceOp.MAX, group=self.group)
+        self._wait(dist.all_reduce, x, op=dist.ReduceOp.BOR, group=self.group)  # each bit a flag: OR, not MAX
         return int(x)
 
     def _wait(self, collective, *args, **kwargs):

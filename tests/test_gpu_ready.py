@@ -183,3 +183,22 @@ def test_an_out_that_cannot_be_written_is_refused_at_start_up(demo, tmp_path):
     blocker.write_text("")
     with pytest.raises(SystemExit, match="is a file, not a folder"):
         train.main(flags(data=images_jsonl(demo, tmp_path), out=str(blocker / "run"), steps=1))
+
+
+def _vote(rank, port, codes, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=len(codes))
+    from guard import Agreement
+    out[rank] = Agreement(len(codes), timeout_minutes=1)(codes[rank])
+    torch.distributed.destroy_process_group()
+
+
+def test_the_vote_keeps_every_ranks_flag():
+    """Ranks sending different flags (a failed save, 2; a stop request, 1) agree on both (3): a MAX would keep
+    the failed save and lose the stop."""
+    import torch.multiprocessing as mp
+    from guard import SAVE_FAILED, STOP
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.spawn(_vote, args=(free_port(), [SAVE_FAILED, STOP], out), nprocs=2)
+        assert dict(out) == {0: SAVE_FAILED | STOP, 1: SAVE_FAILED | STOP}
