@@ -110,17 +110,18 @@ def read_jsonl(path, skip_bad=False, skipped=None):
     root = os.path.dirname(os.path.abspath(path))
     rows = []
     try:
-        f = open(path, encoding="utf-8")
+        f = open(path, "rb")  # decoded line by line: a line that is not UTF-8 is named (or skipped)
     except OSError as e:
         raise DataError(f"{path}: cannot open ({e.strerror})") from e
     with f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
+        for line_no, raw in enumerate(f, 1):
+            if not raw.strip():
                 continue  # blank lines (e.g. a trailing newline) are harmless
             try:
-                row = _check_row(json.loads(line), root)
-            except ValueError as e:  # JSONDecodeError is a ValueError too
-                msg = f"{path}:{line_no}: {e}"
+                row = _check_row(json.loads(raw.decode("utf-8")), root)
+            except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors too
+                why = f"not UTF-8 text (byte {e.start})" if isinstance(e, UnicodeDecodeError) else str(e)
+                msg = f"{path}:{line_no}: {why}"
                 if not skip_bad:
                     raise DataError(msg) from e
                 if skipped is not None:

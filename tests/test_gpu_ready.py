@@ -1,5 +1,6 @@
 """What the GPU path relies on, checked where a CPU can check it: the run's --precision reaches validation,
 pinned memory follows --device (not what the machine has), and the log says how long steps wait for data."""
+import json
 import os
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import torch
 import batches
 import data
 import train
-from test_train import REPO, flags, free_port, images_jsonl, train_entries
+from test_train import REPO, absolute_rows, flags, free_port, images_jsonl, train_entries
 
 
 @pytest.fixture(scope="module")
@@ -202,3 +203,17 @@ def test_the_vote_keeps_every_ranks_flag():
         out = manager.dict()
         mp.spawn(_vote, args=(free_port(), [SAVE_FAILED, STOP], out), nprocs=2)
         assert dict(out) == {0: SAVE_FAILED | STOP, 1: SAVE_FAILED | STOP}
+
+
+def test_a_jsonl_line_that_is_not_utf8_is_named_or_skipped(demo, tmp_path):
+    """A latin-1 caption: the file and line, one line; under --skip-bad the line is skipped and counted (eval.py
+    reads its jsonl with the same read_jsonl)."""
+    lines = [json.dumps(r) for r in absolute_rows(demo["images_train"])[:8]]
+    path = tmp_path / "latin.jsonl"
+    bad = json.dumps({**json.loads(lines[2]), "caption": "un caf\u00e9"}, ensure_ascii=False).encode("latin-1")
+    path.write_bytes(b"\n".join([line.encode() for line in lines[:2]] + [bad] + [line.encode() for line in lines[3:]]))
+    with pytest.raises(SystemExit, match=r"latin\.jsonl:3: not UTF-8 text"):
+        train.main(flags(data=str(path), out=str(tmp_path / "a"), steps=1))
+    skipped = []
+    rows = data.read_jsonl(str(path), skip_bad=True, skipped=skipped)
+    assert len(rows) == 7 and len(skipped) == 1 and "latin.jsonl:3: not UTF-8" in skipped[0]
