@@ -583,7 +583,8 @@ def evaluate(a, out_dir):
                               f"--task nlvr2, or pass --fresh-head for the chance baseline of its weights")
     precision = resolve_precision(a.precision, device)
     print(f"precision {precision}" + (" (auto)" if a.precision == "auto" else ""))
-    rows = read_jsonl(a.data)[:a.limit]
+    skipped = []  # with --skip-bad: the rows whose file is missing (here) or unreadable (when loaded)
+    rows = read_jsonl(a.data, skip_bad=a.skip_bad, skipped=skipped)[:a.limit]
     pair = next((r for r in rows if "paths" in r), None)
     if pair is not None and a.task != "nlvr2":
         raise DataError(f"{pair['jsonl']}:{pair['line']}: an NLVR2 image pair: evaluate the file with eval.py nlvr2")
@@ -603,7 +604,7 @@ def evaluate(a, out_dir):
     name = "_".join(os.path.splitext(os.path.basename(f))[0] for f in (a.ckpt, a.data))  # e.g. best_coco_test
     results = dict(task=a.task, ckpt=os.path.abspath(a.ckpt), step=ckpt.get("step"), data=os.path.abspath(a.data),
                    rows=len(rows), image_size=size, frames=frames, max_len=max_len,
-                   json=os.path.join(out_dir, f"eval_{a.task}_{name}.json"), skipped=[])
+                   json=os.path.join(out_dir, f"eval_{a.task}_{name}.json"), skipped=skipped)
 
     task = {"retrieval": task_retrieval, "grounding": task_grounding, "vqa": task_vqa, "nlvr2": task_nlvr2}[a.task]
     task(a, model, tokenizer, ckpt, rows, opts, results, name)

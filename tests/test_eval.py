@@ -915,3 +915,18 @@ def test_cuda_plumbing(gallery, naive_scores, tmp_path):
         assert len(preds) == len(rows) and 0 <= score <= 100
     finally:
         model.cpu()
+
+
+def test_main_skip_bad_leaves_out_missing_files(files, tmp_path, capsys):
+    """--skip-bad leaves out rows whose file is missing too (the help says so), counted in the results."""
+    with open(files["test"]) as f:
+        rows = [json.loads(line) for line in f]
+    rows = [dict(r, image=os.path.join(os.path.dirname(files["test"]), r["image"])) for r in rows]
+    data = write_lines(tmp_path / "some_missing.jsonl",
+                       rows[:3] + [{"image": str(tmp_path / "gone.jpg"), "caption": "gone"}] + rows[3:])
+    one_line_exit(["retrieval", "--ckpt", files["ckpt"], "--data", data, "--k", "2", *COMMON],
+                  r"some_missing\.jsonl:4:.*gone\.jpg")
+    out = ev.main(["retrieval", "--ckpt", files["ckpt"], "--data", data, "--k", "2", "--skip-bad", *COMMON])
+    assert out["gallery"]["rows"] == len(rows) and out["rows"] == len(rows)
+    assert len(out["skipped"]) == 1 and re.search(r"some_missing\.jsonl:4:.*gone\.jpg", out["skipped"][0])
+    assert "skipped 1" in capsys.readouterr().out
