@@ -11,6 +11,7 @@ import ast
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -153,3 +154,16 @@ def test_span_finds_methods_and_decorators(tmp_path):
     path = tmp_path / ("m" + ".py")
     path.write_text("import x\n\n\n@dataclass\nclass A:\n    def f(self):\n        return 1\n")
     assert span(path, "A") == (4, 7) and span(path, "A.f") == (6, 7)
+
+
+def test_importing_train_loads_only_what_a_run_needs():
+    """`import train` does not load the pictures, the grounding score, the demo writer or the converters: the
+    command lines import them where they use them (and data.py imports no file of ours at all)."""
+    code = ("import sys; sys.path.insert(0, {root!r}); import train, data; "
+            "print(' '.join(m for m in ('pictures', 'grounding', 'demo', 'convert', 'prepare_data') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code.format(root=str(ROOT))], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == "", out
+    ours = {p.stem for p in ROOT.glob("*.py")}
+    imported = set(re.findall(r"^(?:from|import) (\w+)", (ROOT / "data.py").read_text(encoding="utf-8"), re.M))
+    assert not imported & ours, imported & ours
