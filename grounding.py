@@ -163,6 +163,43 @@ def _summary(s, no_patch):
                          "mass": pct(named_mass, m), "mass_other": pct(other_mass, m)}}
 
 
+def object_patches(row, objects, T, image_size, patch):
+    """[(T, N) bool: the patches of each sampled frame's crop whose centre lies in the object's box] per object of
+    a row. A box that reaches outside the image or video is a DataError (boxes in other units land here)."""
+    w, h, frame_count, indices = media_geometry(row, T)
+    outside = [k for k, (_, b) in enumerate(objects) if b[0] < 0 or b[1] < 0 or b[2] > w or b[3] > h]
+    if outside:
+        raise DataError(f"box {outside[0]} {objects[outside[0]][1]} reaches outside the {w} x {h} {row['kind']}")
+    return [torch.stack([box_patches(crop_box(b, w, h, image_size), image_size, patch).flatten()
+                         for b in frame_boxes(row, box, w, h, frame_count, indices)])
+            for _, box in objects]
+
+
+def _score(model, tokenizer, v, pairs, T, frame, o):
+    """The grounding sums (_summary's order) of (clip, phrase, box patches, other boxes' patches) pairs, their
+    clips' vision states v (B, T, 1+N, H); o: max_len, batch_size, device, precision, image_size."""
+    sums = torch.zeros(9, dtype=torch.float64)
+    for a in range(0, len(pairs), o["batch_size"]):
+        chunk = pairs[a:a + o["batch_size"]]
+        ids, mask = (x.to(o["device"]) for x in tokenizer.encode([p[1] for p in chunk], o["max_len"]))
+        clip = torch.tensor([p[0] for p in chunk], device=o["device"])
+        with autocast(o["device"], o["precision"]):
+            att = cls_attention(model, model.embed_text(ids, mask), mask, v[clip])  # (P, nh, T*(1+N))
+        att = att.mean(1).view(len(chunk), T, -1)[:, :, 1:].cpu()  # (P, T, N): heads averaged, CLS dropped
+        inside = torch.stack([p[2] for p in chunk])            # (P, T, N)
+        if att.shape != inside.shape:
+            raise ValueError(f"attention over {att.shape[-1]} patches per frame, but a {o['image_size']} px "
+                             f"crop of {model.config.patch_size} px patches has {inside.shape[-1]}")
+        scores = [frame_mean(s, frame) for s in grounding_scores(att, inside)]  # 3 x (P,)
+        sums[:4] += torch.tensor([len(chunk), *(s.sum().item() for s in scores)], dtype=torch.float64)
+        for p, (_, _, _, others) in enumerate(chunk):
+            if others:
+                oth = grounding_scores(att[p].expand(len(others), -1, -1), torch.stack(others))
+                oth = [frame_mean(s, frame).mean().item() for s in oth[:2]]  # mean over the other objects
+                sums[4:] += torch.tensor([1, scores[0][p].item(), scores[1][p].item(), *oth], dtype=torch.float64)
+    return sums
+
+
 @torch.no_grad()
 def evaluate_grounding(model, tokenizer, rows, image_size, frames=4, max_len=40, batch_size=64, device="cpu",
                        video_frame="mean", workers=0, skip_bad=False, skipped=None, precision="auto"):
@@ -221,17 +258,10 @@ def evaluate_grounding(model, tokenizer, rows, image_size, frames=4, max_len=40,
                     continue
                 i = keep[it["index"]]
                 try:
-                    w, h, frame_count, indices = media_geometry(rows[i], T)
+                    inside = object_patches(rows[i], objects[i], T, image_size, patch)  # per object (T, N)
                 except DataError as e:
                     refuse(i, e)
                     continue
-                outside = [k for k, (_, b) in enumerate(objects[i]) if b[0] < 0 or b[1] < 0 or b[2] > w or b[3] > h]
-                if outside:  # boxes in other units (0-1, pixels of a resized copy) land here
-                    refuse(i, f"box {outside[0]} {objects[i][outside[0]][1]} reaches outside the {w} x {h} {kind}")
-                    continue
-                inside = [torch.stack([box_patches(crop_box(b, w, h, image_size), image_size, patch).flatten()
-                                       for b in frame_boxes(rows[i], box, w, h, frame_count, indices)])
-                          for _, box in objects[i]]                    # per object (T, N)
                 for k, (phrase, _) in enumerate(objects[i]):
                     if not (inside[k] if frame == "mean" else inside[k][frame]).any():
                         no_patch += 1
@@ -242,24 +272,8 @@ def evaluate_grounding(model, tokenizer, rows, image_size, frames=4, max_len=40,
                 continue
             with autocast(device, precision):
                 v = model.embed_vision(torch.stack(pixels).to(device))  # (B, T, 1+N, H)
-            for a in range(0, len(pairs), batch_size):
-                chunk = pairs[a:a + batch_size]
-                ids, mask = (x.to(device) for x in tokenizer.encode([p[1] for p in chunk], max_len))
-                clip = torch.tensor([p[0] for p in chunk], device=device)
-                with autocast(device, precision):
-                    att = cls_attention(model, model.embed_text(ids, mask), mask, v[clip])  # (P, nh, T*(1+N))
-                att = att.mean(1).view(len(chunk), T, -1)[:, :, 1:].cpu()  # (P, T, N): heads averaged, CLS dropped
-                inside = torch.stack([p[2] for p in chunk])            # (P, T, N)
-                if att.shape != inside.shape:
-                    raise ValueError(f"attention over {att.shape[-1]} patches per frame, but a {image_size} px "
-                                     f"crop of {patch} px patches has {inside.shape[-1]}")
-                scores = [frame_mean(s, frame) for s in grounding_scores(att, inside)]  # 3 x (P,)
-                sums[:4] += torch.tensor([len(chunk), *(s.sum().item() for s in scores)], dtype=torch.float64)
-                for p, (_, _, _, others) in enumerate(chunk):
-                    if others:
-                        o = grounding_scores(att[p].expand(len(others), -1, -1), torch.stack(others))
-                        o = [frame_mean(s, frame).mean().item() for s in o[:2]]  # mean over the other objects
-                        sums[4:] += torch.tensor([1, scores[0][p].item(), scores[1][p].item(), *o], dtype=torch.float64)
+            sums += _score(model, tokenizer, v, pairs, T, frame, dict(
+                max_len=max_len, batch_size=batch_size, device=device, precision=precision, image_size=image_size))
         out[kind] = (sums, no_patch)
     if not out or not sum(s[0] for s, _ in out.values()):
         where = rows[0].get("jsonl", "the rows") if rows else "the rows"

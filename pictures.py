@@ -259,26 +259,12 @@ def plot_curves(runs, out_png, labels=None):
     Returns the panels drawn: [{"title", "box", "xlim", "ylim"}, ...] (box, xlim, ylim as for to_pixels)."""
     runs = [runs] if isinstance(runs, (str, os.PathLike)) else list(runs)
     paths = [os.fspath(r) if os.fspath(r).endswith(".jsonl") else os.path.join(r, "metrics.jsonl") for r in runs]
-    if labels is None:
-        labels = [os.path.basename(os.path.dirname(os.path.abspath(p))) for p in paths]
-        if len(set(labels)) < len(labels):  # runs/a/out and runs/b/out: the paths tell them apart
-            labels = [os.path.dirname(os.path.relpath(p)) or "." for p in paths]
-    if len(labels) != len(paths):
-        raise ValueError(f"{len(labels)} labels for {len(paths)} runs")
+    labels = run_labels(paths, labels)
     curves = [read_curves(p) for p in paths]
     names = panel_names(curves)
     font = ImageFont.load_default()
-
-    # the legend: a line swatch and the label per run, wrapped to the picture's width
     width = PANEL[0] * max(1, min(len(names), COLUMNS))
-    items, x, row = [], 8, 0
-    for label, color in zip(labels, itertools.cycle(RUN_COLORS)):
-        w = 28 + round(font.getlength(label)) + 16
-        if x + w > width - 130 and x > 8:  # room for the note on the right
-            x, row = 8, row + 1
-        items.append((x, row * LEGEND_LINE, label, color))
-        x += w
-    header = (row + 1) * LEGEND_LINE + 4
+    items, header = legend_layout(labels, font, width)
     rows = max(1, math.ceil(len(names) / COLUMNS))
     im = Image.new("RGB", (width, header + rows * PANEL[1]), "white")
     draw = ImageDraw.Draw(im)
@@ -302,39 +288,69 @@ def plot_curves(runs, out_png, labels=None):
     for i, name in enumerate(names):
         ox, oy = i % COLUMNS * PANEL[0], header + i // COLUMNS * PANEL[1]
         box = (ox + 58, oy + 28, ox + PANEL[0] - 18, oy + PANEL[1] - 30)  # the data area; the frame sits 4 px out
-        finite = [v for c in curves for s, v in c.get(name, []) if math.isfinite(v)]
-        y0, y1, ystep = nice_range(min(finite), max(finite)) if finite else (0.0, 1.0, 0.5)
-        left, top, right, bottom = box
-        draw.text((left - 4, oy + 8), TITLES.get(name, f"{name.upper()} loss"), fill=INK, font=font)
-        for k in range(round((y1 - y0) / ystep) + 1):
-            v = y0 + k * ystep
-            _, py = to_pixels(x0, v, (x0, x1), (y0, y1), box)
-            draw.line([(left - 4, py), (right + 4, py)], fill=GRID)
-            text = tick_text(v, ystep, max(abs(y0), abs(y1)))
-            draw.text((left - 8 - font.getlength(text), py - 6), text, fill=INK, font=font)
-        for k in range(round((x1 - x0) / xstep) + 1):
-            v = x0 + k * xstep
-            px, _ = to_pixels(v, y0, (x0, x1), (y0, y1), box)
-            draw.line([(px, bottom + 4), (px, bottom + 8)], fill=FRAME)
-            text = tick_text(v, xstep, steps_axis=True)
-            draw.text((px - font.getlength(text) / 2, bottom + 10), text, fill=INK, font=font)
-        draw.rectangle([left - 4, top - 4, right + 4, bottom + 4], outline=FRAME)
-        if not finite:
-            draw.text((left + 8, (top + bottom) // 2 - 6), "no finite values", fill=INK, font=font)
-        for c, color in zip(curves, itertools.cycle(RUN_COLORS)):
-            pts = c.get(name, [])
-            few = sum(math.isfinite(v) for _, v in pts) <= 30  # sparse curves (validation) get a dot per point
-            for finite_run in split_at_gaps(pts):
-                xy = [to_pixels(s, v, (x0, x1), (y0, y1), box) for s, v in finite_run]
-                if len(xy) > 1:
-                    draw.line(xy, fill=color, width=2, joint="curve")
-                if few or len(xy) == 1:  # a point between two gaps would otherwise not show
-                    for px, py in xy:
-                        draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=color)
-                draw.point(xy, fill=color)  # a wide line can miss its own vertices by a pixel
-        panels.append(dict(title=TITLES.get(name, f"{name.upper()} loss"), box=box, xlim=(x0, x1), ylim=(y0, y1)))
+        panels.append(draw_panel(draw, font, name, curves, box, oy, (x0, x1), xstep))
     save_png(im, out_png)
     return panels
+
+
+def run_labels(paths, labels=None):
+    """The legend's name of each run: its folder's name (or the path where two folders share a name)."""
+    if labels is None:
+        labels = [os.path.basename(os.path.dirname(os.path.abspath(p))) for p in paths]
+        if len(set(labels)) < len(labels):  # runs/a/out and runs/b/out: the paths tell them apart
+            labels = [os.path.dirname(os.path.relpath(p)) or "." for p in paths]
+    if len(labels) != len(paths):
+        raise ValueError(f"{len(labels)} labels for {len(paths)} runs")
+    return labels
+
+
+def legend_layout(labels, font, width):
+    """A line swatch and the label per run, wrapped to the picture's width -> ([(x, y, label, colour)], the
+    legend's height)."""
+    items, x, row = [], 8, 0
+    for label, color in zip(labels, itertools.cycle(RUN_COLORS)):
+        w = 28 + round(font.getlength(label)) + 16
+        if x + w > width - 130 and x > 8:  # room for the note on the right
+            x, row = 8, row + 1
+        items.append((x, row * LEGEND_LINE, label, color))
+        x += w
+    return items, (row + 1) * LEGEND_LINE + 4
+
+
+def draw_panel(draw, font, name, curves, box, oy, xlim, xstep):
+    """One quantity's panel: title, grid and ticks, frame, and each run's curve -> its geometry."""
+    x0, x1 = xlim
+    finite = [v for c in curves for s, v in c.get(name, []) if math.isfinite(v)]
+    y0, y1, ystep = nice_range(min(finite), max(finite)) if finite else (0.0, 1.0, 0.5)
+    left, top, right, bottom = box
+    draw.text((left - 4, oy + 8), TITLES.get(name, f"{name.upper()} loss"), fill=INK, font=font)
+    for k in range(round((y1 - y0) / ystep) + 1):
+        v = y0 + k * ystep
+        _, py = to_pixels(x0, v, (x0, x1), (y0, y1), box)
+        draw.line([(left - 4, py), (right + 4, py)], fill=GRID)
+        text = tick_text(v, ystep, max(abs(y0), abs(y1)))
+        draw.text((left - 8 - font.getlength(text), py - 6), text, fill=INK, font=font)
+    for k in range(round((x1 - x0) / xstep) + 1):
+        v = x0 + k * xstep
+        px, _ = to_pixels(v, y0, (x0, x1), (y0, y1), box)
+        draw.line([(px, bottom + 4), (px, bottom + 8)], fill=FRAME)
+        text = tick_text(v, xstep, steps_axis=True)
+        draw.text((px - font.getlength(text) / 2, bottom + 10), text, fill=INK, font=font)
+    draw.rectangle([left - 4, top - 4, right + 4, bottom + 4], outline=FRAME)
+    if not finite:
+        draw.text((left + 8, (top + bottom) // 2 - 6), "no finite values", fill=INK, font=font)
+    for c, color in zip(curves, itertools.cycle(RUN_COLORS)):
+        pts = c.get(name, [])
+        few = sum(math.isfinite(v) for _, v in pts) <= 30  # sparse curves (validation) get a dot per point
+        for finite_run in split_at_gaps(pts):
+            xy = [to_pixels(s, v, (x0, x1), (y0, y1), box) for s, v in finite_run]
+            if len(xy) > 1:
+                draw.line(xy, fill=color, width=2, joint="curve")
+            if few or len(xy) == 1:  # a point between two gaps would otherwise not show
+                for px, py in xy:
+                    draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=color)
+            draw.point(xy, fill=color)  # a wide line can miss its own vertices by a pixel
+    return dict(title=TITLES.get(name, f"{name.upper()} loss"), box=box, xlim=(x0, x1), ylim=(y0, y1))
 
 
 def split_at_gaps(points):

@@ -12,7 +12,7 @@ import torch
 import batches
 import data
 import train
-from test_train import REPO, absolute_rows, flags, free_port, images_jsonl, train_entries
+from test_train import REPO, absolute_rows, flags, free_port, launch_ranks, images_jsonl, train_entries
 
 
 @pytest.fixture(scope="module")
@@ -91,19 +91,7 @@ def two_ranks_with_slow_validation(tmp_path, argv, sleep):
     """train.main on 2 gloo ranks whose validation (rank 0's) takes `sleep` seconds more -> (codes, logs)."""
     script = tmp_path / "slow_validation.py"
     script.write_text(SLOW_VALIDATION.format(repo=REPO, sleep=sleep))
-    port, procs = free_port(), []
-    for rank in range(2):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen([sys.executable, str(script), *argv], cwd=tmp_path, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    try:
-        logs = [p.communicate(timeout=300)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    return [p.returncode for p in procs], logs
+    return launch_ranks(script, argv, tmp_path)
 
 
 def test_no_rank_times_out_while_rank_0_validates(demo, tmp_path):

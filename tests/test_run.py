@@ -19,7 +19,7 @@ import model as model_module
 import batches
 import train
 from data import write_jsonl
-from test_train import (REPO, absolute_rows, free_port, images_jsonl, load, metrics, flags, train_entries,
+from test_train import (REPO, absolute_rows, images_jsonl, launch_ranks, load, metrics, flags, train_entries,
                         write_corrupt_image)
 
 
@@ -392,23 +392,10 @@ def test_answer_vocabulary_from_answer_data(demo, tmp_path):
 def run_ranks(tmp_path, argv, world=2, on_start=None, timeout=180):
     """train.py in `world` gloo processes -> (return codes, logs). on_start(procs) runs once rank 0
     logs a training step."""
-    port, procs = free_port(), []
-    for rank in range(world):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen([sys.executable, os.path.join(REPO, "train.py"), *argv], cwd=tmp_path,
-                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    try:
-        if on_start:
-            out = argv[argv.index("--out") + 1]
-            wait_for_training(procs[0], out)
-            on_start(procs)
-        logs = [p.communicate(timeout=timeout)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    return [p.returncode for p in procs], logs
+    def started(procs):
+        wait_for_training(procs[0], argv[argv.index("--out") + 1])
+        on_start(procs)
+    return launch_ranks(os.path.join(REPO, "train.py"), argv, tmp_path, world, timeout, started if on_start else None)
 
 
 def test_ddp_skip_bad_on_one_rank(demo, tmp_path):

@@ -1,6 +1,7 @@
 """Tests of train.py: end-to-end runs on a small demo set, exact resume after SIGTERM, DDP against one
 process on the same global batch, bad inputs, non-finite steps, fine-tuning + eval.py, real media and
 the command line. Every run is the tiny preset at 32 px for a few steps, so the file stays fast on CPU."""
+import dataclasses
 import importlib.util
 import itertools
 import json
@@ -300,27 +301,35 @@ def free_port():
         return s.getsockname()[1]
 
 
+def launch_ranks(script, argv, cwd, world=2, timeout=300, on_start=None):
+    """`python script argv` in `world` processes as torchrun starts them (gloo on CPU) -> (return codes, logs).
+    on_start(procs) runs once they are started."""
+    port, procs = free_port(), []
+    for rank in range(world):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen([sys.executable, str(script), *argv], cwd=cwd, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    try:
+        if on_start:
+            on_start(procs)
+        logs = [p.communicate(timeout=timeout)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return [p.returncode for p in procs], logs
+
+
 def run_ddp(tmp_path, argv, world=2):
     """train.main in `world` processes, as torchrun starts them (gloo on CPU) -> per rank: the final
     state dict, the first step's gradient (GradAdamW) and the loss of every forward."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     script = tmp_path / "ddp_run.py"
     script.write_text(DDP_SCRIPT.format(repo=REPO, tests=os.path.join(REPO, "tests"), out=str(tmp_path)))
-    port = free_port()
-    procs = []
-    for rank in range(world):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen([sys.executable, str(script), *argv], cwd=REPO, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    try:
-        logs = [p.communicate(timeout=300)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, log in zip(procs, logs):
-        assert p.returncode == 0, log[-3000:]
+    codes, logs = launch_ranks(script, argv, REPO, world)
+    for code, log in zip(codes, logs):
+        assert code == 0, log[-3000:]
     states = [load(str(tmp_path / f"rank{r}.pt")) for r in range(world)]
     grads = [load(str(tmp_path / f"grad{r}.pt")) for r in range(world)]
     losses = []
@@ -738,7 +747,7 @@ def test_help_lists_every_field(capsys):
         train.parse_args(["--help"])
     assert err.value.code == 0
     entries = help_entries(capsys.readouterr().out)
-    for f in train.fields(train.TrainConfig):
+    for f in dataclasses.fields(train.TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         assert flag in entries, flag
         text = entries[flag]
