@@ -8,6 +8,8 @@
     python bench.py startup                               # data start-up: a 1M-line jsonl vs 1,000 tar shards
     python bench.py parity --batch 32                     # GPU: fp32, bf16, compiled vs CPU fp32; images, videos
     python bench.py train --steps 100                     # GPU: train.py eager vs --compile, samples/s
+    python bench.py gpu                                   # GPU: numerics, speed, syncs, demo, loader, compile
+                                                          # (bench_gpu.py; --device cpu: the same for tiny)
 
 `step` times forward+backward + fused AdamW of every row in turn, `--repeats` rounds, and reports
 the median. FLOPs per sample are counted once per input shape by torch.utils.flop_counter on the meta device
@@ -607,7 +609,7 @@ def cmd_retrieval(a):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["step", "parity", "train", "data", "startup", "retrieval"], help="which benchmark")
+    p.add_argument("what", choices=["step", "parity", "train", "data", "startup", "retrieval", "gpu"], help="which benchmark")
     p.add_argument("--config", default="tiny", help="model preset")
     p.add_argument("--roberta", action="store_true", help="step: RoBERTa-base's text sizes (vocabulary 50265)")
     p.add_argument("--batch", type=int, default=4, help="batch size")
@@ -641,7 +643,13 @@ def main(argv=None):
     p.add_argument("--peak-tflops", type=float, default=989.0,
                    help="retrieval: dense bf16 TFLOP/s of the GPU the projection is for (H100 SXM: 989)")
     p.add_argument("--mfu", type=float, default=0.4, help="retrieval: fraction of that peak assumed in the projection")
+    p.add_argument("--budget", type=float, default=420, help="gpu: seconds after which the remaining parts are skipped")
+    p.add_argument("--json", default="runs/bench_gpu.json", help="gpu: where the results are written")
+    p.add_argument("--demo-steps", type=int, default=0, help="gpu: steps of the demo training (0: 100, CPU 6)")
     a = p.parse_args(argv)
+    if a.what == "gpu":
+        import bench_gpu
+        return bench_gpu.main(a)
     if a.what in ("parity", "train") and not a.size:
         a.size = 224
     if a.what in ("data", "startup") and not a.size:

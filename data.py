@@ -22,8 +22,6 @@ from PIL import ExifTags, Image, ImageOps
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 # a 64 Mpx image decodes to ~200 MB: anything larger is a broken or hostile file, not a photo
 Image.MAX_IMAGE_PIXELS = 8192 * 8192
@@ -226,8 +224,8 @@ def _centre(w, h, size):
 
 
 def _transform(im, size, box, flip):
-    """PIL RGB -> (3, size, size) CLIP-normalised float tensor. box: (x0, y0, x1, y1) in im's pixels,
-    floats allowed, resampled to size x size; None: eval (shorter side -> size, centre crop)."""
+    """PIL RGB -> (3, size, size) uint8 tensor (the model normalises it, on the device). box: (x0, y0, x1, y1)
+    in im's pixels, floats allowed, resampled to size x size; None: eval (shorter side -> size, centre crop)."""
     if box is None:  # resize the whole image, then crop (resizing a box differs by a level in a few pixels)
         nw, nh, x0, y0 = _centre(*im.size, size)
         im = im.resize((nw, nh), Image.BICUBIC).crop((x0, y0, x0 + size, y0 + size))
@@ -235,13 +233,11 @@ def _transform(im, size, box, flip):
         im = im.resize((size, size), Image.BICUBIC, box=box)
     if flip:
         im = im.transpose(Image.FLIP_LEFT_RIGHT)
-    x = torch.from_numpy(np.array(im)).permute(2, 0, 1).contiguous().float()          # (3, S, S) 0..255
-    mean, std = torch.tensor(CLIP_MEAN).view(3, 1, 1), torch.tensor(CLIP_STD).view(3, 1, 1)
-    return x.sub_(255 * mean).div_(255 * std)  # = (x / 255 - mean) / std, in place (no copies)
+    return torch.from_numpy(np.array(im)).permute(2, 0, 1).contiguous()                # (3, S, S) 0..255
 
 
 def load_image(path, size, train=False, rng=None):
-    """Image file -> ((3, size, size) float, flipped). A JPEG that is still large enough for the crop
+    """Image file -> ((3, size, size) uint8, flipped). A JPEG that is still large enough for the crop
     at 1/2, 1/4 or 1/8 scale decodes at that scale; the crop box is drawn on the full size and mapped
     into the smaller image, so the crop is the same region (tests/test_bench.py checks the pixels)."""
     # shrink while the crop keeps two pixels per output pixel: bicubic's antialiasing, not libjpeg's scaled

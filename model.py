@@ -235,17 +235,18 @@ class SCLModel(nn.Module):
         nn.init.zeros_(self.vision.temporal)
         nn.init.constant_(self.logit_scale, math.log(1 / self.config.itc_temperature))
 
-    def compile_blocks(self):
+    def compile_blocks(self, backend="inductor"):
         """Regional compilation: each repeated block (ViT, text encoder, both co-attention stacks) is
         compiled in place, and one graph per input shape serves every block of its kind, so compiling
         costs a few blocks, not a 40-block multi-pass graph. Shapes are static on purpose
         (dynamic=False): a run has a handful of them (images, videos, their masked versions, the 3B ITM
         batch), each compiled once in the first steps, and static shapes get the fastest kernels; the
         recompile limit is raised to hold them all. Everything between the blocks (embeddings, masking,
-        hard negatives, heads, losses) stays eager. Returns self."""
+        hard negatives, heads, losses) stays eager. backend: torch.compile's (the tests use "aot_eager", which
+        builds the same graphs without generating code). Returns self."""
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         for block in [*self.vision.blocks, *self.text.layers, *self.text_fusion, *self.vision_fusion]:
-            block.compile(dynamic=False)
+            block.compile(dynamic=False, backend=backend)
         return self
 
     # -- building blocks, also used by eval.py ---------------------------------------------------

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-from data import CLIP_MEAN, CLIP_STD, DataError, json_objects, load_image, load_video
+from data import DataError, json_objects, load_image, load_video
 
 
 def load_clip(path, size, frames=4, kind=None):
@@ -37,9 +37,8 @@ def load_clip(path, size, frames=4, kind=None):
 
 
 def to_pil(x):
-    """One CLIP-normalised frame (3, S, S) -> PIL RGB."""
-    x = x.float().cpu() * torch.tensor(CLIP_STD).view(3, 1, 1) + torch.tensor(CLIP_MEAN).view(3, 1, 1)
-    return Image.fromarray((x.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy())
+    """One frame (3, S, S) as the loaders give it (uint8 RGB) -> PIL RGB."""
+    return Image.fromarray(x.cpu().permute(1, 2, 0).numpy())
 
 
 def write_show_html(path, queries, ranked_paths, correct_paths, embed=False, thumb_size=224, kind="image"):

@@ -118,6 +118,11 @@ def tube_mask(x, ratio, noise=None):
     return torch.cat([x[:, :, :1], x.gather(2, index)], dim=2), keep
 
 
+# CLIP's input normalisation: per RGB channel, of pixel values in 0..1
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
 class VisionTransformer(nn.Module):
     """CLIP ViT over clips. pixels (B, T, 3, H, W) -> tokens (B, T, 1+N, D) after ln_post."""
 
@@ -135,6 +140,10 @@ class VisionTransformer(nn.Module):
         self.blocks = nn.ModuleList(ViTBlock(width, heads, act) for _ in range(layers))
         self.ln_post = nn.LayerNorm(width)
         self.grad_checkpointing = False  # recompute each block in the backward pass (saves memory)
+        # constants for uint8 input (not saved with the weights): on the device with the model, so normalising
+        # needs no copy from the host
+        self.register_buffer("pixel_mean", 255 * torch.tensor(CLIP_MEAN).view(3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", 255 * torch.tensor(CLIP_STD).view(3, 1, 1), persistent=False)
 
     def pos_embed(self, gh, gw):
         """Spatial position embedding for a gh x gw grid, (1 + gh*gw, D).
@@ -158,8 +167,12 @@ class VisionTransformer(nn.Module):
         return F.interpolate(table, size=T, mode="linear", align_corners=True)[0].t()
 
     def forward(self, pixels, mask_ratio=0.0):
-        """pixels (B, T, 3, H, W) -> (B, T, 1+K, D); K = N, or the kept patches when mask_ratio > 0."""
+        """pixels (B, T, 3, H, W) -> (B, T, 1+K, D); K = N, or the kept patches when mask_ratio > 0. pixels:
+        uint8 RGB as the loaders give them (a quarter of float32's bytes to copy to the GPU), normalised here,
+        or float already normalised."""
         B, T, C, H, W = pixels.shape
+        if pixels.dtype == torch.uint8:  # = (x / 255 - mean) / std
+            pixels = pixels.float().sub_(self.pixel_mean).div_(self.pixel_std)
         x = self.conv(pixels.flatten(0, 1))                                 # (B*T, D, gh, gw)
         gh, gw = x.shape[-2:]
         x = x.flatten(2).transpose(1, 2)                                    # (B*T, N, D)

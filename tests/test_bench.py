@@ -19,13 +19,10 @@ from test_data import count_decoded  # noqa: E402
 import data  # noqa: E402
 from model import CONFIGS, Block  # noqa: E402
 
-MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
-STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
-
-
 def unnormalise(x):
-    """(..., 3, H, W) CLIP-normalised tensor -> (..., H, W, 3) values in 0..255."""
-    return (x.movedim(-3, -1).numpy() * STD + MEAN) * 255
+    """(..., 3, H, W) uint8 tensor, as the loaders give it -> (..., H, W, 3) float values in 0..255."""
+    assert x.dtype == torch.uint8
+    return x.movedim(-3, -1).numpy().astype(np.float32)
 
 # -----------------------------------------------------------------------------
 # FLOPs and peaks

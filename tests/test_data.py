@@ -24,14 +24,10 @@ import demo as demo_module  # noqa: E402
 from data import (Collator, DataError, PairDataset, Tokenizer, load_image, load_video,  # noqa: E402
                   read_jsonl, write_jsonl)
 
-MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
-STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
-
-
 def unnormalise(x):
-    """(..., 3, H, W) CLIP-normalised tensor -> (..., H, W, 3) values in 0..255."""
-    a = x.movedim(-3, -1).numpy()
-    return (a * STD + MEAN) * 255
+    """(..., 3, H, W) uint8 tensor, as the loaders give it -> (..., H, W, 3) float values in 0..255."""
+    assert x.dtype == torch.uint8
+    return x.movedim(-3, -1).numpy().astype(np.float32)
 
 
 def write_clip(path, n, w=32, h=32, codec="libx264", gop=4, fps=8):

@@ -205,3 +205,25 @@ def test_a_jsonl_line_that_is_not_utf8_is_named_or_skipped(demo, tmp_path):
     skipped = []
     rows = data.read_jsonl(str(path), skip_bad=True, skipped=skipped)
     assert len(rows) == 7 and len(skipped) == 1 and "latin.jsonl:3: not UTF-8" in skipped[0]
+
+
+def test_pixels_travel_as_uint8_and_the_model_normalises_them(demo):
+    """The loaders give uint8 (a quarter of float32's bytes to pin and copy); the ViT normalises on its device:
+    (x / 255 - mean) / std with CLIP's mean and std, written out here; float input is taken as normalised."""
+    from model import CONFIGS, SCLModel
+    rows = data.read_jsonl(demo["images_train"])
+    ds = data.PairDataset(rows[:4], image_size=64, frames=1, train=True)
+    pixels = torch.stack([ds[i]["pixels"] for i in range(4)])                       # (4, 1, 3, 64, 64)
+    assert pixels.dtype == torch.uint8 and pixels.float().std() > 10  # a real picture, not a blank
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(3, 1, 1)
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(3, 1, 1)
+    naive = (pixels.double() / 255 - mean.double()) / std.double()
+    torch.manual_seed(0)
+    vit = SCLModel(CONFIGS["tiny"]).vision.eval()
+    assert "pixel_mean" not in vit.state_dict()  # constants, not weights: checkpoints are unchanged
+    with torch.no_grad():
+        a, b = vit(pixels), vit(naive.float())
+        assert torch.allclose(a, b, atol=1e-5)
+        # the same float32 operations as the loaders made before, so seeded runs keep their numbers
+        old = pixels.float().sub_(255 * mean).div_(255 * std)
+        assert torch.equal(a, vit(old))
