@@ -122,7 +122,7 @@ def test_load_image_eval_matches_reference(tmp_path):
     x, _ = load_image(tmp_path / "x.png", 16, False, None)
     # reference: shorter side 30 -> 16, so 47 -> floor(47 * 16 / 30) = 25; centre 16 of 25 columns
     ref = np.asarray(Image.fromarray(a).resize((25, 16), Image.BICUBIC), np.float32)[:, 4:20]
-    ref = (ref / 255 - MEAN) / STD
+    assert x.dtype == torch.uint8
     assert np.allclose(x.permute(1, 2, 0).numpy(), ref, atol=1e-5)
     Image.fromarray(a).transpose(Image.TRANSPOSE).save(tmp_path / "tall.png")  # 47 tall, 30 wide
     x, _ = load_image(tmp_path / "tall.png", 20, False, None)
@@ -235,7 +235,7 @@ def reference_eval(im, size):
     nw, nh = (size, int(h * size / w)) if w <= h else (int(w * size / h), size)
     x0, y0 = int(round((nw - size) / 2)), int(round((nh - size) / 2))
     a = np.asarray(im.resize((nw, nh), Image.BICUBIC), np.float32)[y0:y0 + size, x0:x0 + size]
-    return (a / 255 - MEAN) / STD
+    return a  # 0..255, as the loaders give it (uint8)
 
 
 def test_real_video_matches_full_decode():
