@@ -1,23 +1,24 @@
 """`python bench.py gpu`: one command that checks the GPU path end to end and times it, made to finish in
-about seven minutes on one H100/H200. Every line is printed as it is measured (a timeout loses nothing
+about eight minutes on one H100/H200 (the default --budget of 420 s, plus the part running when it ends). Every line is printed as it is measured (a timeout loses nothing
 already printed) and the results so far are written to --json after each line. The sections, most
 important first; one that would start after --budget seconds is skipped, and says so:
 
   numerics  every pre-training loss (images and videos) and the VQA and NLVR2 losses, with the gradient
             of each, on the device against fp32 on the CPU: tiny, dropout 0, the same weights, batches,
             patch masks and hard negatives. fp32 (TF32 off), TF32 (what --precision fp32 runs on CUDA) and
-            bf16, eager; then bf16 with compile_blocks (and fp32 on a CPU). Each row: the largest relative error of a
-            loss value and of a gradient (norm of the difference over the norm), against a stated tolerance.
+            bf16, eager; then bf16 with compile_blocks (and fp32 on a CPU). Each row: the largest relative
+            error of a loss value and of a gradient (norm of the difference over the norm), against a stated
+            tolerance.
   speed     base, bf16, eager: images at 288 px and 4-frame clips at 224 px, batch 32 and 64: s/step,
             samples/s, TFLOP/s, MFU against the card's data-sheet peak, peak memory.
+  profile   the kernels that take the most device time in one eager step of images at batch 64.
   sync      train.py's own training step, compiled, under torch.cuda.set_sync_debug_mode("error"): any
             host sync inside a step (from the learning rate to the end-of-step vote) raises.
   demo      train.py on the demo data (tiny) for 100 steps on the device: retrieval before and after.
   loader    train.py's data set and loader on the demo's photos (288 px) and clips (4 x 224 px) with 4, 8 and
             16 workers: samples/s of decoding and augmenting alone.
   compile   the speed rows with compile_blocks: graphs, recompiles, the compile time (first step minus a
-            steady one) and the compiled speed; batch 64 first.
-  profile   the top kernels of one compiled step of images at batch 64.
+            steady one) and the compiled speed; batch 64 first; then the profile of one compiled step.
 
 On a CPU (`--device cpu`, what the test suite runs) the same code runs for tiny with small sizes and
 torch.compile's "aot_eager" backend (the same graphs, no code generation), so the command cannot rot
@@ -208,8 +209,8 @@ def speed_rows(rep, section, m, opt, device, config, shapes, batches, repeats, p
             del batch
 
 
-def profile(rep, m, opt, device, config, T, size, B, top=12):
-    """The kernels that take the most device time in one compiled step."""
+def profile(rep, mode, m, opt, device, config, T, size, B, top=12):
+    """The kernels that take the most device time in one training step of `m` (eager or compiled)."""
     from torch.profiler import ProfilerActivity
     batch = {k: v.to(device) for k, v in bench.make_batch(config, B, T, size, 40).items()}
     bench.one_step(m, batch, opt, device, "bf16")
@@ -220,8 +221,8 @@ def profile(rep, m, opt, device, config, T, size, B, top=12):
     events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)[:top]
     total = sum(getattr(e, key) for e in prof.key_averages())
     for e in events:
-        rep.line("profile", f"profile  {100 * getattr(e, key) / max(total, 1):5.1f}%  {e.count:>5} calls  {e.key[:90]}",
-                 kernel=e.key, share=getattr(e, key) / max(total, 1), calls=e.count)
+        rep.line("profile", f"profile  {mode:<8} {100 * getattr(e, key) / max(total, 1):5.1f}%  {e.count:>5} calls  "
+                 f"{e.key[:90]}", mode=mode, kernel=e.key, share=getattr(e, key) / max(total, 1), calls=e.count)
 
 # -----------------------------------------------------------------------------
 # train.py itself: host syncs, the demo, the loader
@@ -345,6 +346,8 @@ def main(args):
     eager = SCLModel(config).to(device)
     opt = torch.optim.AdamW(eager.parameters(), lr=1e-6, fused=True)
     speed_rows(rep, "speed", eager, opt, device, config, shapes, sorted(p["batches"]), p["repeats"], peak)
+    if not rep.over("profile"):  # eager: cheap, and it names the kernels before any compile time is spent
+        profile(rep, "eager", eager, opt, device, config, *p["image"], max(p["batches"]))
     del eager, opt
     runs = os.path.dirname(os.path.abspath(args.json))  # train.py's runs go beside the results
     for name, f in (("sync", lambda: sync_check(rep, device, p["backend"], p["sync_steps"], f"{runs}/bench_gpu_sync")),
@@ -359,6 +362,6 @@ def main(args):
     # (block kind, shape) is a recompile of it
     speed_rows(rep, "compile", compiled, opt, device, config, shapes, p["batches"], p["repeats"], peak, kinds=1)
     if not rep.over("profile"):
-        profile(rep, compiled, opt, device, config, *p["image"], max(p["batches"]))
+        profile(rep, "compiled", compiled, opt, device, config, *p["image"], max(p["batches"]))
     rep.line("machine", f"done in {rep.elapsed():.0f} s; results in {args.json}", total_s=rep.elapsed())
     return rep.data

@@ -60,4 +60,5 @@ def test_bench_gpu_runs_on_the_cpu(tmp_path):
     first = data["compile"][0]
     assert first["graphs"] > 0 and first["recompiles"] == first["graphs"] - 1  # one new graph per block kind and shape
     assert all(r["samples_per_s"] > 0 and 0 < r["mfu"] < 1 for r in data["speed"] + data["compile"])
+    assert {r["mode"] for r in data["profile"]} == {"eager", "compiled"}
     assert (tmp_path / "bench_gpu_demo" / "metrics.jsonl").exists()

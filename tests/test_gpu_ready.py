@@ -63,7 +63,7 @@ def test_data_wait_is_logged_and_a_slow_loader_is_named(demo, tmp_path, monkeypa
     collate = data.Collator.__call__
 
     def slow(self, samples):  # the loader takes far longer than the step
-        time.sleep(0.3)
+        time.sleep(1.0)  # several times a tiny step, even on a loaded machine
         return collate(self, samples)
     monkeypatch.setattr(data.Collator, "__call__", slow)
     train.main(flags(data=data_path, out=str(tmp_path / "slow"), steps=4, eval_every=0))
