@@ -19,7 +19,7 @@ from test_data import count_decoded  # noqa: E402
 import data  # noqa: E402
 from model import CONFIGS, Block  # noqa: E402
 
-def unnormalise(x):
+def rgb_values(x):
     """(..., 3, H, W) uint8 tensor, as the loaders give it -> (..., H, W, 3) float values in 0..255."""
     assert x.dtype == torch.uint8
     return x.movedim(-3, -1).numpy().astype(np.float32)
@@ -147,7 +147,7 @@ def draft_scales(monkeypatch):
 def check_same_pixels(path, size, train, seed):
     x, flipped = data.load_image(path, size, train, random.Random(seed))
     want, want_flip = reference(path, size, train, random.Random(seed))
-    err = np.abs(unnormalise(x) - want).mean()
+    err = np.abs(rgb_values(x) - want).mean()
     assert flipped == want_flip and err < 2, (path, size, train, seed, err)  # mean error < 2/255
     return err
 
@@ -217,7 +217,7 @@ def test_video_decodes_only_the_frames_its_keyframes_force(tmp_path, monkeypatch
         keys = [i for i, f in enumerate(c.decode(video=0)) if f.key_frame]
     decoded = count_decoded(monkeypatch)
     clip, _ = data.load_video(tmp_path / "clip.mp4", 8, T, train=False)
-    rgb = unnormalise(clip).mean(axis=(1, 2))
+    rgb = rgb_values(clip).mean(axis=(1, 2))
     targets = [int((k + 0.5) * n / T) for k in range(T)]
     assert [48 * round((g - 40) / 50) + round((r - 10) / 5) for r, g, _ in rgb] == targets
     assert len(keys) > 2 and len(decoded) <= fewest_frames(keys, targets) + 1, (keys, len(decoded))
