@@ -354,9 +354,30 @@ class Agreement:
         return out
 
 
-STOP, SAVE_FAILED, BAD_DATA = 1, 2, 4  # bits of the agreed code
+STOP, SAVE_FAILED, BAD_DATA, NONFINITE = 1, 2, 4, 8  # bits of the agreed code
 
 # -- the training loop's safety protocol --------------------------------------------------------------------
+
+
+class Lagged:
+    """A device scalar read on the host every step without waiting for the device: on a CPU its value now; on
+    a GPU the value of the last copy that has landed (a non-blocking copy into pinned memory, polled with an
+    event), so the host sees it a step or two late and never syncs."""
+
+    def __init__(self, x):
+        self.cuda, self.value = x.device.type == "cuda", 0.0
+        if self.cuda:
+            self.host, self.event = torch.zeros((), pin_memory=True), torch.cuda.Event()
+            self.event.record()
+
+    def __call__(self, x):
+        if not self.cuda:
+            return float(x)
+        if self.event.query():  # the last copy landed: read it and start the next
+            self.value = float(self.host)
+            self.host.copy_(x, non_blocking=True)
+            self.event.record()
+        return self.value
 
 
 class RunGuard:
@@ -364,15 +385,17 @@ class RunGuard:
     - stop requests: SIGTERM / SIGINT let the step (or the validation batch) finish, then every rank saves
       and stops together; a second SIGINT (Ctrl-C twice) stops at once;
     - bad data: a batch that could not be read stops every rank, with last.pt at the state before the step;
-    - non-finite steps are skipped on the device and counted (the caller stops the run after too many);
+    - non-finite steps are skipped on the device and counted; every rank stops together when --max-bad-steps
+      of them come in a row (checked each step: train.py saves nonfinite.pt and stops);
     - one agreement per step across ranks: a stop request or a failed save on any rank stops all of them;
     - the readers' positions in tar shards after the batches trained on (what last.pt keeps);
     - the samples skipped under --skip-bad, for the report at the end."""
 
-    def __init__(self, world, device, timeout_minutes=120.0):
+    def __init__(self, world, device, timeout_minutes=120.0, max_bad_steps=20):
         self.agree = Agreement(world, timeout_minutes)
-        self.signal, self.stopping, self.error = None, False, None
+        self.signal, self.stopping, self.error, self.too_many_bad = None, False, None, False
         self.bad_total, self.bad_streak = torch.zeros((), device=device), torch.zeros((), device=device)
+        self.max_bad, self.streak_seen = max_bad_steps, Lagged(self.bad_streak)
         self.where, self.skipped, self.val_skipped = None, [], set()
 
     def catch_signals(self):
@@ -389,8 +412,10 @@ class RunGuard:
 
     def vote(self, failed=None):
         """Every rank, once per step: agree on a stop request or a failed save (which stops every rank)."""
-        code = self.agree((STOP if self.signal is not None else 0) | (SAVE_FAILED if failed else 0))
-        self.stopping = bool(code & STOP)
+        bad = self.streak_seen(self.bad_streak) >= self.max_bad
+        code = self.agree((STOP if self.signal is not None else 0) | (SAVE_FAILED if failed else 0)
+                          | (NONFINITE if bad else 0))
+        self.stopping, self.too_many_bad = bool(code & STOP), bool(code & NONFINITE)
         self.settle_code(code, failed)
 
     def settle(self, failed):
@@ -445,9 +470,9 @@ class RunGuard:
         self.bad_total += found_inf
         self.bad_streak = (self.bad_streak + 1) * found_inf
 
-    def nonfinite_counts(self):
-        """(non-finite steps so far, in a row now): a host sync, once per log interval."""
-        return int(self.bad_total.item()), int(self.bad_streak.item())
+    def nonfinite_count(self):
+        """Non-finite steps so far: a host sync, once per log interval."""
+        return int(self.bad_total.item())
 
     # -- skipped samples --
 

@@ -118,9 +118,14 @@ def sample_hard_negatives(sim, ids=None, random=0.0):
         exclude = torch.where(same.all(dim=1, keepdim=True), exclude, same)  # on the device: no sync
     exclude = exclude.repeat(2, 1)                                    # (2B, B)
     probs = logits.masked_fill(exclude, float("-inf")).softmax(dim=-1)  # (2B, B), 0 on positives
+    allowed = (~exclude).to(probs.dtype)
+    uniform = allowed / allowed.sum(dim=-1, keepdim=True)
+    # a non-finite similarity (the step is then skipped as non-finite) must not reach multinomial, which
+    # raises on a CPU and ends the process on a GPU: such a row draws uniformly. On the device, no sync.
+    probs = torch.nan_to_num(probs, nan=0.0, posinf=0.0, neginf=0.0)
+    probs = torch.where(probs.sum(dim=-1, keepdim=True) > 0, probs, uniform)
     if random:
-        allowed = (~exclude).to(probs.dtype)
-        probs = (1 - random) * probs + random * allowed / allowed.sum(dim=-1, keepdim=True)
+        probs = (1 - random) * probs + random * uniform
     idx = torch.multinomial(probs, 1).squeeze(1)                      # (2B,)
     return idx[:B], idx[B:]
 

@@ -347,7 +347,7 @@ class SCLModel(nn.Module):
         t, t_mlm, t_scl = (None if x is None else next(encoded) for x in texts)
         out = dict.fromkeys(LOSSES, v.new_zeros((), dtype=torch.float32))
 
-        if c.w_itc or c.w_itm:
+        if c.w_itc:
             img, txt = self.itc_vision(self.vision_global(v)), self.itc_text(t[:, 0])  # (B, E) each
             scale = self.logit_scale.exp()
             out["itc"] = contrastive(img.float(), txt.float(), scale, image_ids)
@@ -357,8 +357,9 @@ class SCLModel(nn.Module):
         pairs = {}                                                               # name -> (texts, masks, clips)
         if c.w_itm and B >= 2:  # a hard negative needs another pair in the batch
             with torch.no_grad(), fp32(v.device):                                # the similarity in fp32
-                sim = scale * img.float() @ txt.float().t()                                  # (B, B)
-                neg_t, neg_v = sample_hard_negatives(sim, image_ids, c.itm_random)           # (B,), (B,)
+                # without ITC (w_itc 0) its heads learn nothing and their similarity is noise: all random
+                sim = scale * img.float() @ txt.float().t() if c.w_itc else v.new_zeros(B, B, dtype=torch.float32)
+                neg_t, neg_v = sample_hard_negatives(sim, image_ids, c.itm_random if c.w_itc else 1.0)  # (B,), (B,)
             # positives, (image i, its hard negative text), (hard negative image, text j)
             pairs["itm"] = (torch.cat([t, t[neg_t], t]), torch.cat([mask, mask[neg_t], mask]),  # (3B, L, H)
                             torch.cat([v, v, v[neg_v]]))                                   # (3B, T, 1+N, H)

@@ -107,7 +107,10 @@ def _help(name, settings=_comments(Settings), model=_comments(Config)):
     """A flag's help: the field's comment (argparse formats it: a % is written %%)."""
     if name in settings:
         return settings[name].replace("%", "%%")
-    what = f"{name[2:].upper()} loss weight; 0 skips its passes" if name.startswith("w_") else model.get(name, name)
+    what = model.get(name, name)
+    if name.startswith("w_"):
+        what = f"{name[2:].upper()} loss weight; 0 skips its passes"
+        what += "; at 0, ITM's negatives are drawn at random (there is no ITC similarity)" if name == "w_itc" else ""
     return f"{what}; -1: the task's, else the model's ({getattr(Config(), name)})".replace("%", "%%")
 
 

@@ -346,7 +346,7 @@ def train(argv, to_close, status):
     precision = resolve_precision(cfg.precision, device)
     if device.type == "cuda" and precision == "fp32":  # fp32 on a GPU means TF32 matmuls, as the field uses it
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    guard = RunGuard(world, device, cfg.vote_timeout)
+    guard = RunGuard(world, device, cfg.vote_timeout, cfg.max_bad_steps)
     check_unlocked(cfg.out, rank == 0, guard.agree)
     cfg, ckpt = starting_point(cfg, given, rank == 0)
     torch.manual_seed(cfg.seed)
@@ -493,8 +493,17 @@ def train_steps(run, model, streams, val_sets, guard, status, rank, world):
         if run.step % cfg.save_every == 0:
             at = guard.positions()  # every rank (a collective), even where rank 0's best.pt failed
             failed = failed or save(run, last, status, at=at)
-        guard.vote(failed)  # a stop request or a failed save on any rank stops every rank
+        guard.vote(failed)  # a stop request, a failed save or too many non-finite steps on any rank stops every rank
+        if guard.too_many_bad:
+            stop_nonfinite(run, guard, status)
     bar.close()
+
+
+def stop_nonfinite(run, guard, status):
+    """--max-bad-steps non-finite steps in a row (the weights skipped them all): keep them and stop."""
+    failed = save(run, os.path.join(run.cfg.out, "nonfinite.pt"), status)
+    raise SystemExit(failed or f"{int(guard.bad_streak)} non-finite steps in a row at step {run.step}: stopping (the "
+                     f"weights before them are in {run.cfg.out}/nonfinite.pt). Lower --lr or check the data.")
 
 
 def set_lr(opt, cfg, step):
@@ -544,9 +553,9 @@ class Meter:
 
 
 def log_interval(run, meter, guard, bar, lr, status):
-    """One line of metrics.jsonl; the run stops when the non-finite steps in a row reach --max-bad-steps."""
+    """One line of metrics.jsonl."""
     means, rate, wait = meter.read()
-    n_bad, streak = guard.nonfinite_counts()
+    n_bad = guard.nonfinite_count()
     entry = {"step": run.step, "lr": lr, "nonfinite_steps": n_bad, "samples_per_s": rate, "data_wait": round(wait, 3)}
     entry.update({k: means[k] for k in sorted(means, key=lambda k: k != "loss")})  # the total first
     bar.set_postfix(loss=entry.get("loss"), sps=round(rate, 1))
@@ -556,11 +565,6 @@ def log_interval(run, meter, guard, bar, lr, status):
         meter.warned = True
         bar.write(f"step {run.step}: {wait:.0%} of the time went to waiting for data: raise --workers (now "
                   f"{run.cfg.workers}; videos want about 8 per GPU)")
-    # the gradient norm is all-reduced, so every rank sees the same streak and stops here too
-    if streak >= run.cfg.max_bad_steps:
-        failed = save(run, os.path.join(run.cfg.out, "nonfinite.pt"), status)
-        raise SystemExit(failed or f"{streak} non-finite steps in a row at step {run.step}: stopping (the weights "
-                         f"before them are in {run.cfg.out}/nonfinite.pt). Lower --lr or check the data.")
 
 
 def finish(run, val_sets, guard, status, streams):
