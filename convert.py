@@ -122,13 +122,17 @@ def convert_nlvr2(json_path, images_root):
     named after its identifier without the sentence field: split-set-pair-img0.png (left) and -img1.png
     (right), in images_root, under images_root/<directory>/ for the training split. A bad line raises
     DataError naming the file and line."""
-    rows = []
+    rows, seen, repeated = [], {}, []
     with open(json_path, encoding="utf-8") as f:
         for n, ex in json_objects(f, json_path):
             where = f"{json_path}:{n}"
             ident, sentence, label = ex.get("identifier"), ex.get("sentence"), ex.get("label")
             if not isinstance(ident, str) or len(ident.split("-")) != 4:
                 raise DataError(f"{where}: \"identifier\" must look like split-set-pair-sentence, not {ident!r}")
+            if ident in seen:  # the official metric keys by identifier: a repeated line would count twice
+                repeated.append(f"{where} repeats {ident} of line {seen[ident]}")
+                continue
+            seen[ident] = n
             if not isinstance(sentence, str) or not sentence.strip():
                 raise DataError(f"{where}: \"sentence\" must be a non-empty string")
             if not isinstance(label, str) or label.lower() not in ("true", "false"):
@@ -137,6 +141,9 @@ def convert_nlvr2(json_path, images_root):
             stem = os.path.join(folder, ident.rsplit("-", 1)[0])
             rows.append(dict(images=[os.path.abspath(stem + "-img0.png"), os.path.abspath(stem + "-img1.png")],
                              caption=sentence.strip(), label=label.lower() == "true", identifier=ident))
+    if repeated:
+        warnings.warn(f"{len(repeated)} repeated identifiers left out, each kept once ({repeated[0]}"
+                      + (", ..." if len(repeated) > 1 else "") + ")")
     missing = sum(not os.path.isfile(p) for r in rows for p in r["images"])
     if missing:
         warnings.warn(f"{missing} of {2 * len(rows)} image files do not exist (yet); read_jsonl will reject them")

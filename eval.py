@@ -405,7 +405,12 @@ def build_answer_vocab(rows, min_count=9):
 @torch.no_grad()
 def evaluate_vqa(model, tokenizer, rows, answers, batch_size=64, device="cpu", max_len=40, image_size=224,
                  frames=4, workers=0, skip_bad=False, skipped=None, stop=None, precision="auto"):
-    """VQA rows -> (score in percent over the rows that have answers, or None; predictions).
+    """VQA rows -> (metrics, predictions). A question with 10 answers (VQA v2's annotators) is scored by the
+    official VQA accuracy; one with fewer (GQA-, VizWiz- or easy-VQA-shaped data) by exact match: 1 when the
+    normalised prediction equals one of its normalised answers (the 10-annotator formula would give a right
+    answer 0 with one reference, at most 0.67 with three). metrics: "score", the mean over the questions that
+    have answers (None without any), in percent; "metric", which of the two it is (or both, with the counts);
+    "vqa" and "vqa_questions", "exact" and "exact_questions" for each part that has questions.
 
     predictions are the VQA v2 submission format [{"question_id": int, "answer": str}], question_id
     from the row or else its index. skip_bad: a question whose file cannot be read is left out of both
@@ -417,7 +422,7 @@ def evaluate_vqa(model, tokenizer, rows, answers, batch_size=64, device="cpu", m
     device = torch.device(device)
     precision = resolve_precision(precision, device)
     model.eval()
-    preds, accs, bad = [], [], skipped if skipped is not None else []
+    preds, bad, parts = [], skipped if skipped is not None else [], {"vqa": [], "exact": []}
     for items in tqdm(_loader(rows, image_size, frames, batch_size, workers), desc="vqa", disable=None):
         _check(stop)
         items = _readable(items, skip_bad, bad)
@@ -431,9 +436,27 @@ def evaluate_vqa(model, tokenizer, rows, answers, batch_size=64, device="cpu", m
         for it, b in zip(items, best):
             row = rows[it["index"]]
             preds.append({"question_id": row.get("question_id", it["index"]), "answer": answers[b]})
-            if row.get("answers"):
-                accs.append(vqa_accuracy(answers[b], row["answers"]))
-    return (100.0 * sum(accs) / len(accs) if accs else None), preds
+            if len(row.get("answers") or ()) >= 10:
+                parts["vqa"].append(vqa_accuracy(answers[b], row["answers"]))
+            elif row.get("answers"):
+                parts["exact"].append(float(normalize_answer(answers[b]) in map(normalize_answer, row["answers"])))
+    return vqa_metrics(parts), preds
+
+
+def vqa_metrics(parts):
+    """{"vqa": [accuracy per question], "exact": [0 or 1 per question]} -> evaluate_vqa's metrics."""
+    every = parts["vqa"] + parts["exact"]
+    metrics = dict(score=100.0 * sum(every) / len(every) if every else None)
+    names = {"vqa": "VQA accuracy", "exact": "exact match"}
+    used = [k for k in parts if parts[k]]
+    if len(used) > 1:  # both kinds of question: say how many of each
+        metrics["metric"] = " + ".join(f"{names[k]} ({len(parts[k])} question{'s' * (len(parts[k]) > 1)})"
+                                       for k in used)
+    else:
+        metrics["metric"] = names[used[0]] if used else "none (no answers)"
+    for k in used:
+        metrics[k], metrics[f"{k}_questions"] = 100.0 * sum(parts[k]) / len(parts[k]), len(parts[k])
+    return metrics
 
 # -----------------------------------------------------------------------------
 # NLVR2: accuracy and the official consistency
@@ -463,11 +486,16 @@ def evaluate_nlvr2(model, tokenizer, rows, batch_size=64, device="cpu", max_len=
     """NLVR2 rows -> (metrics, predictions). metrics: accuracy and consistency (percent, METHOD.md §7.3),
     pairs (the examples scored) and sentences (their distinct sentences); predictions: [{"identifier" (the
     row's, or its index), "prediction": bool}] in row order. skip_bad, skipped, stop, precision: as in
-    evaluate_vqa; an unreadable pair is left out of every figure."""
+    evaluate_vqa; an unreadable pair is left out of every figure. A repeated identifier is scored once (the
+    official metric keys by identifier): metrics["repeated"] counts the rows left out."""
     for i, row in enumerate(rows):
         if "paths" not in row:
             raise DataError(f"{row.get('jsonl', '?')}:{row.get('line', i + 1)}: not an NLVR2 row "
                             f"(\"images\": [left, right], \"label\")")
+    n_rows, firsts = len(rows), {}
+    for i, row in enumerate(rows):
+        firsts.setdefault(row.get("identifier", i), row)
+    rows = list(firsts.values())
     device = torch.device(device)
     precision = resolve_precision(precision, device)
     model.eval()
@@ -489,7 +517,7 @@ def evaluate_nlvr2(model, tokenizer, rows, batch_size=64, device="cpu", max_len=
     if not preds:
         raise DataError("no image pair of the evaluation rows could be read")
     return dict(accuracy=100.0 * sum(correct) / len(correct), consistency=consistency(keys, correct),
-                pairs=len(correct), sentences=len(set(keys))), preds
+                pairs=len(correct), sentences=len(set(keys)), repeated=n_rows - len(rows)), preds
 
 # -----------------------------------------------------------------------------
 # command line
@@ -570,6 +598,26 @@ def main(argv=None):
         raise SystemExit(" ".join(str(e).split())) from None
 
 
+def read_rows(a, skipped):
+    """--data's rows (the first --limit): a jsonl, or for retrieval and grounding tar shards (as train.py's
+    --val-data reads them). Refused in one line: NLVR2 pairs outside nlvr2; images and videos mixed."""
+    from shards import is_shards, open_shards, scan_rows
+    if is_shards(a.data):
+        if a.task not in ("retrieval", "grounding"):
+            raise DataError(f"{a.data}: tar shards hold image-text pairs; eval.py {a.task} reads a jsonl")
+        rows = scan_rows(open_shards(a.data, "image", a.skip_bad, skipped), a.skip_bad, skipped)[:a.limit]
+    else:
+        rows = read_jsonl(a.data, skip_bad=a.skip_bad, skipped=skipped)[:a.limit]
+    pair = next((r for r in rows if "paths" in r), None)
+    if pair is not None and a.task != "nlvr2":
+        raise DataError(f"{pair['jsonl']}:{pair['line']}: an NLVR2 image pair: evaluate the file with eval.py nlvr2")
+    other = next((r for r in rows if r["kind"] != rows[0]["kind"]), None)
+    if other is not None and a.task != "nlvr2":
+        raise DataError(f"{other['jsonl']}:{other['line']}: a {other['kind']} among {rows[0]['kind']}s: the rows mix images and "
+                        "videos; evaluate them from separate files")
+    return rows
+
+
 def pick_device(name):
     return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
 
@@ -584,10 +632,7 @@ def evaluate(a, out_dir):
     precision = resolve_precision(a.precision, device)
     print(f"precision {precision}" + (" (auto)" if a.precision == "auto" else ""))
     skipped = []  # with --skip-bad: the rows whose file is missing (here) or unreadable (when loaded)
-    rows = read_jsonl(a.data, skip_bad=a.skip_bad, skipped=skipped)[:a.limit]
-    pair = next((r for r in rows if "paths" in r), None)
-    if pair is not None and a.task != "nlvr2":
-        raise DataError(f"{pair['jsonl']}:{pair['line']}: an NLVR2 image pair: evaluate the file with eval.py nlvr2")
+    rows = read_rows(a, skipped)
     tc = ckpt.get("train_config") or {}
     # train.py's 0 means "the default": images the model's grid, videos the image size
     size = a.image_size or (rows[0]["kind"] == "video" and tc.get("video_size")) or tc.get("image_size") \
@@ -664,11 +709,14 @@ def task_vqa(a, model, tokenizer, ckpt, rows, opts, results, name):
     answers = ckpt.get("answers")
     if not answers or len(answers) != model.config.n_answers:
         raise CheckpointError(f"{a.ckpt}: not a VQA checkpoint (its answer list does not match a VQA head)")
-    score, preds = evaluate_vqa(model, tokenizer, rows, answers, skipped=results["skipped"], **opts)
+    metrics, preds = evaluate_vqa(model, tokenizer, rows, answers, skipped=results["skipped"], **opts)
     report_skipped(results["skipped"])
-    print(f"VQA score {score:.2f} ({len(preds)} questions)" if score is not None
-          else f"no answers in {a.data}: predictions only")
-    results.update(vqa_score=score, precision=opts["precision"], predictions=os.path.abspath(
+    scored = metrics.get("vqa_questions", 0) + metrics.get("exact_questions", 0)
+    print(f"VQA score {metrics['score']:.2f}: {metrics['metric']}, {scored} questions with answers"
+          + (f" (and {len(preds) - scored} without: predictions only)" if len(preds) > scored else "")
+          if metrics["score"] is not None else f"no answers in {a.data}: predictions only")
+    results.update(vqa_score=metrics["score"], vqa_metrics=metrics, precision=opts["precision"],
+                   predictions=os.path.abspath(
         a.preds or os.path.join(os.path.dirname(results["json"]), f"vqa_preds_{name}.json")))
     write_file(results["predictions"], lambda f: json.dump(preds, f))
     print(f"wrote {results['predictions']}\nwrote {save_results(results)}")
@@ -677,6 +725,9 @@ def task_vqa(a, model, tokenizer, ckpt, rows, opts, results, name):
 def task_nlvr2(a, model, tokenizer, ckpt, rows, opts, results, name):
     metrics, preds = evaluate_nlvr2(model, tokenizer, rows, skipped=results["skipped"], **opts)
     report_skipped(results["skipped"])
+    if metrics["repeated"]:
+        print(f"warning: {metrics['repeated']} rows repeat an identifier of an earlier row: each identifier is "
+              "scored once, as the official metric does")
     print(f"NLVR2 accuracy {metrics['accuracy']:.2f}, consistency {metrics['consistency']:.2f} "
           f"({metrics['pairs']} pairs, {metrics['sentences']} sentences)" + (" with a fresh head" if a.fresh_head else ""))
     results.update(precision=opts["precision"], fresh_head=a.fresh_head, **metrics, predictions=os.path.abspath(

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
 from data import DataError, json_objects, load_image, load_video
+from vision import CLIP_MEAN, CLIP_STD
 
 
 def load_clip(path, size, frames=4, kind=None):
@@ -37,7 +38,11 @@ def load_clip(path, size, frames=4, kind=None):
 
 
 def to_pil(x):
-    """One frame (3, S, S) as the loaders give it (uint8 RGB) -> PIL RGB."""
+    """One frame (3, S, S) -> PIL RGB: uint8 as the loaders give it, or float CLIP-normalised (as the model
+    also takes it)."""
+    if x.dtype != torch.uint8:
+        x = x.float().cpu() * torch.tensor(CLIP_STD).view(3, 1, 1) + torch.tensor(CLIP_MEAN).view(3, 1, 1)
+        x = (x.clamp(0, 1) * 255).round().byte()
     return Image.fromarray(x.cpu().permute(1, 2, 0).numpy())
 
 

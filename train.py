@@ -286,8 +286,7 @@ def validate(run, val_sets, guard):
                           frames=cfg.frames, skip_bad=cfg.skip_bad, skipped=bad, stop=guard.stop_requested,
                           precision=run.precision)  # the run's --precision
                 if cfg.task == "vqa":
-                    score, _ = evaluate_vqa(run.model, run.tokenizer, rows, run.answers, **kw)
-                    results[kind] = {"vqa": score, "score": score}
+                    results[kind], _ = evaluate_vqa(run.model, run.tokenizer, rows, run.answers, **kw)  # score, metric
                 elif cfg.task == "nlvr2":
                     metrics, _ = evaluate_nlvr2(run.model, run.tokenizer, rows, **kw)
                     results[kind] = dict(metrics, score=metrics["accuracy"])

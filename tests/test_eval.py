@@ -404,7 +404,8 @@ def test_vqa_skip_bad(gallery, tmp_path):
     score, preds = ev.evaluate_vqa(model, tok, rows, ["yes", "no", "2"], skip_bad=True, skipped=skipped, **kw)
     want, want_preds = ev.evaluate_vqa(model, tok, rows[:1] + rows[2:], ["yes", "no", "2"], **kw)
     assert len(skipped) == 1 and skipped[0].startswith("test.jsonl:2:")
-    assert [p["question_id"] for p in preds] == [0, 2, 3, 4] and preds == want_preds and score == pytest.approx(want)
+    assert [p["question_id"] for p in preds] == [0, 2, 3, 4] and preds == want_preds
+    assert score["score"] == pytest.approx(want["score"]) and score["metric"] == "VQA accuracy"
 
 
 class Recorder:
@@ -554,7 +555,7 @@ def test_evaluate_vqa_format(gallery):
     assert [p["question_id"] for p in preds] == [0, 101, 102, 103]
     assert all(p["answer"] in answers for p in preds)
     expected = 100 * np.mean([p["answer"] == "yes" for p in preds[:3]])
-    assert score == pytest.approx(expected)
+    assert score["score"] == pytest.approx(expected) and score["vqa_questions"] == 3
     json.dumps(preds)
 
 # -----------------------------------------------------------------------------
@@ -930,3 +931,27 @@ def test_main_skip_bad_leaves_out_missing_files(files, tmp_path, capsys):
     assert out["gallery"]["rows"] == len(rows) and out["rows"] == len(rows)
     assert len(out["skipped"]) == 1 and re.search(r"some_missing\.jsonl:4:.*gone\.jpg", out["skipped"][0])
     assert "skipped 1" in capsys.readouterr().out
+
+
+def test_vqa_with_fewer_than_10_answers_is_scored_by_exact_match(gallery):
+    """One reference answer: the 10-annotator formula gives a right answer min(1, 0/3) = 0; exact match gives 1.
+    Mixed data: each question by its own rule, the score their mean over the questions, the metric named."""
+    model = tiny_model(n_answers=3)
+    answers = ["yes", "no", "2"]
+    kw = dict(batch_size=3, max_len=16, image_size=64, frames=1)
+    rows = [dict(r, question="what is it?", question_id=i) for i, r in enumerate(gallery)]
+    _, preds = ev.evaluate_vqa(model, CharTokenizer(), [dict(r, answers=["yes"]) for r in rows], answers, **kw)
+    said = [p["answer"] for p in preds]
+    # single answers: the first two questions get what the model says (in other casing), the others "maybe"
+    single = [dict(r, answers=[said[i].upper() if i < 2 else "maybe"]) for i, r in enumerate(rows)]
+    metrics, _ = ev.evaluate_vqa(model, CharTokenizer(), single, answers, **kw)
+    assert metrics["metric"] == "exact match" and metrics["exact_questions"] == len(rows)
+    assert metrics["score"] == pytest.approx(100 * 2 / len(rows)) and "vqa" not in metrics
+    assert ev.vqa_accuracy(said[0], [said[0]]) == 0  # what the official formula would have given
+    # mixed: question 0 has ten answers, all the model's (accuracy 1); the others one each, as above
+    mixed = [dict(single[0], answers=[said[0]] * 10)] + single[1:]
+    metrics, _ = ev.evaluate_vqa(model, CharTokenizer(), mixed, answers, **kw)
+    n = len(rows) - 1
+    assert metrics["vqa"] == 100 and metrics["exact"] == pytest.approx(100 / n)
+    assert metrics["score"] == pytest.approx(100 * 2 / len(rows))
+    assert metrics["metric"] == f"VQA accuracy (1 question) + exact match ({n} questions)"

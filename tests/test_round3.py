@@ -79,3 +79,83 @@ def test_itc_weight_0_runs_no_itc(monkeypatch):
     torch.manual_seed(0)
     SCLModel(CONFIGS["tiny"])(make_batch(4))
     assert calls == [1] and draws[1][0] > 0 and draws[1][1] == CONFIGS["tiny"].itm_random
+
+# -----------------------------------------------------------------------------
+# eval.py as users run it: shards, mixed VQA media, repeated NLVR2 identifiers
+
+
+def eval_cli(*argv):
+    import subprocess
+    import sys
+    from test_train import REPO
+    return subprocess.run([sys.executable, os.path.join(REPO, "eval.py"), *argv], capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+@pytest.fixture(scope="module")
+def ckpts(demo, tmp_path_factory):
+    """A 2-step pre-training checkpoint and a 1-step VQA fine-tuning of it."""
+    out = tmp_path_factory.mktemp("ckpts")
+    train.main(flags(data=demo["images_train"], video_data=demo["videos_train"], out=str(out / "pre"), steps=2,
+                     eval_every=0))
+    pre = str(out / "pre" / "last.pt")
+    train.main(flags(task="vqa", init=pre, data=demo["vqa_train"], val_data=None, out=str(out / "vqa"), steps=1,
+                     eval_every=0, min_answer_count=1))
+    return {"pre": pre, "vqa": str(out / "vqa" / "last.pt")}
+
+
+def test_eval_retrieval_reads_shards_as_train_does(demo, ckpts, tmp_path):
+    """The same validation images as a jsonl and as a tar shard give the same retrieval figures."""
+    import json
+
+    import shards
+    from data import read_jsonl
+    shards.write_shards(read_jsonl(demo["images_val"]), str(tmp_path / "shards"), per_shard=100)
+    tar = str(tmp_path / "shards" / "00000.tar")
+    for data in (demo["images_val"], tar):
+        r = eval_cli("retrieval", "--ckpt", ckpts["pre"], "--data", data, "--k", "4", "--out", str(tmp_path / "ev"),
+                     "--workers", "0")
+        assert r.returncode == 0, r.stderr[-2000:]
+    got = [json.load(open(tmp_path / "ev" / f"eval_retrieval_last_{name}.json")) for name in ("images_val", "00000")]
+    assert got[0]["rows"] == got[1]["rows"] == 8
+    assert got[0]["itc"] == got[1]["itc"] and got[0]["itm"] == got[1]["itm"]
+
+
+def test_eval_vqa_on_images_and_videos_mixed_is_one_line(demo, ckpts, tmp_path):
+    import json
+    from test_train import absolute_rows
+    rows = absolute_rows(demo["vqa_train"])[:3]
+    clip = absolute_rows(demo["videos_val"])[0]["video"]
+    rows.append({"video": clip, "question": "what moves?", "answers": ["a triangle"] * 10, "question_id": 99})
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    r = eval_cli("vqa", "--ckpt", ckpts["vqa"], "--data", str(path), "--out", str(tmp_path), "--workers", "0")
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert f"{path}:4: a video among images" in r.stderr and "separate files" in r.stderr
+
+
+def test_repeated_nlvr2_identifiers_are_scored_once(demo, ckpts, tmp_path):
+    lines = open(demo["nlvr2_val"]).read().splitlines()
+    root = os.path.dirname(demo["nlvr2_val"])
+    path = os.path.join(root, "nlvr2_twice.jsonl")  # beside the demo: its relative image paths resolve
+    with open(path, "w") as f:
+        f.write("\n".join(lines + lines[:5]) + "\n")
+    outs = []
+    for data in (demo["nlvr2_val"], path):
+        r = eval_cli("nlvr2", "--ckpt", ckpts["pre"], "--fresh-head", "--data", data, "--out", str(tmp_path),
+                     "--workers", "0")
+        assert r.returncode == 0, r.stderr[-2000:]
+        outs.append(r.stdout)
+    assert "5 rows repeat an identifier" in outs[1] and "repeat an identifier" not in outs[0]
+    once, twice = (o[o.index("NLVR2 accuracy"):].splitlines()[0] for o in outs)
+    assert once.split(" with")[0] == twice.split(" with")[0]  # the same accuracy, consistency and pair count
+    preds = open(tmp_path / "nlvr2_preds_last_nlvr2_twice.csv").read().splitlines()
+    assert len(preds) == len({p.split(",")[0] for p in preds}) == len(lines)
+
+
+def test_convert_nlvr2_keeps_each_identifier_once(tmp_path):
+    import convert
+    from test_nlvr2 import DEV_LINES, write_official
+    with pytest.warns(UserWarning, match="2 repeated identifiers left out"):
+        rows = convert.convert_nlvr2(write_official(tmp_path / "dev.json", DEV_LINES + DEV_LINES[:2]), str(tmp_path))
+    assert [r["identifier"] for r in rows] == [line["identifier"] for line in DEV_LINES]
