@@ -246,6 +246,7 @@ class Run:
     seen: dict = field(default_factory=lambda: {"image": 0, "video": 0})  # batches trained on, per kind
     best: float = -1.0            # best validation score so far
     before: dict = None           # the validation before training
+    val_due: bool = False         # a validation that a stop cut short: redone on resume, on the same weights
     log: object = None            # metrics.jsonl (rank 0)
 
     def record(self, entry):
@@ -262,7 +263,7 @@ def save(run, path, status, val=None, at=None):
     try:
         save_checkpoint(path, dict(
             model=run.model.state_dict(), optimizer=run.opt.state_dict(), step=run.step, seen=dict(run.seen),
-            best=run.best, before=run.before, config=asdict(run.config), train_config=asdict(run.cfg),
+            best=run.best, before=run.before, val_due=run.val_due, config=asdict(run.config), train_config=asdict(run.cfg),
             tokenizer=run.tokenizer.to_str(), answers=run.answers, val=val, shards=at))
     except SystemExit as e:
         return str(e.code)
@@ -305,8 +306,12 @@ def validate(run, val_sets, guard):
 
 
 def validate_and_keep_best(run, val_sets, guard, status):
-    """-> (the validation, why best.pt could not be written or None)."""
+    """-> (the validation, why best.pt could not be written or None). A validation that a stop cuts short is
+    recorded as such, and due again on resume."""
     val = validate(run, val_sets, guard)
+    run.val_due = val is None and bool(val_sets) and guard.stop_requested()
+    if run.val_due:
+        run.record({"step": run.step, "validation_interrupted": True})
     if val:
         run.record({"step": run.step, "val": val})
         if val["score"] > run.best:
@@ -369,6 +374,7 @@ def train(argv, to_close, status):
     if cfg.resume:
         opt.load_state_dict(ckpt["optimizer"])
         run.step, run.seen, run.best, run.before = ckpt["step"], ckpt["seen"], ckpt["best"], ckpt.get("before")
+        run.val_due = ckpt.get("val_due", False)
 
     if run.master:
         describe_run(run, data, given, ckpt, world)
@@ -395,6 +401,10 @@ def train(argv, to_close, status):
         if run.master and run.before:
             print(f"validation before training: {fmt(run.before)}")
             run.record({"step": run.step, "val": run.before})
+    if run.val_due and run.step < cfg.steps:  # (at the last step, finish validates anyway)
+        if run.master:
+            print(f"redoing the validation of step {run.step}, which a stop cut short")
+        guard.vote(validate_and_keep_best(run, val_sets, guard, status)[1])
     train_steps(run, model, streams, val_sets, guard, status, rank, world)
     finish(run, val_sets, guard, status, streams)
     if world > 1 and "RANK" in os.environ:
@@ -578,7 +588,10 @@ def finish(run, val_sets, guard, status, streams):
         after, failed = validate_and_keep_best(run, val_sets, guard, status)
         at = guard.positions()
         guard.settle(failed or save(run, last, status, after, at))
-        if run.master and after:
+        if run.master and run.val_due:
+            print(f"stopped by signal {guard.signal} during the validation after training (step {run.step}); checkpoint "
+                  f"saved to {last}; --resume runs the validation")
+        elif run.master and after:
             print(f"validation before training: {fmt(run.before)}\nvalidation after training:  {fmt(after)}")
     skipped = guard.all_skipped()
     if skipped and run.master:

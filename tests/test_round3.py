@@ -159,3 +159,65 @@ def test_convert_nlvr2_keeps_each_identifier_once(tmp_path):
     with pytest.warns(UserWarning, match="2 repeated identifiers left out"):
         rows = convert.convert_nlvr2(write_official(tmp_path / "dev.json", DEV_LINES + DEV_LINES[:2]), str(tmp_path))
     assert [r["identifier"] for r in rows] == [line["identifier"] for line in DEV_LINES]
+
+# -----------------------------------------------------------------------------
+# a stop during a validation: said, recorded, and the validation redone on resume
+
+SIGINT_IN_VALIDATION = """
+import os, signal, sys
+sys.path.insert(0, {repo!r})
+import train
+calls, evaluate = [0], train.evaluate_retrieval
+def interrupted(*a, **kw):  # Ctrl-C as the {call}-th validation starts
+    calls[0] += 1
+    if calls[0] == {call}:
+        os.kill(os.getpid(), signal.SIGINT)
+    return evaluate(*a, **kw)
+train.evaluate_retrieval = interrupted
+train.main(sys.argv[1:])
+"""
+
+
+def train_cli(tmp_path, argv, sigint_at_call=None):
+    import subprocess
+    import sys
+    from test_train import REPO
+    script = tmp_path / "run.py"
+    script.write_text(SIGINT_IN_VALIDATION.format(repo=REPO, call=sigint_at_call or 0))
+    return subprocess.run([sys.executable, str(script), *argv], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+def validations(out):
+    import json
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        entries = [json.loads(line) for line in f]
+    return [(e["step"], "val" if "val" in e else "cut") for e in entries if "val" in e or "validation_interrupted" in e]
+
+
+def test_ctrl_c_in_the_final_validation_says_so_and_resume_validates(demo, tmp_path):
+    from test_train import load
+    out = str(tmp_path / "run")
+    data = images_jsonl(demo, tmp_path)
+    argv = flags(data=data, val_data=data, out=out, steps=2, eval_every=0)
+    r = train_cli(tmp_path, argv, sigint_at_call=2)  # call 1: before training; 2: after
+    assert "stopped by signal 2 during the validation after training (step 2)" in r.stdout + r.stderr, r.stdout
+    assert "validation after training:" not in r.stdout
+    assert validations(out) == [(0, "val"), (2, "cut")]
+    assert load(os.path.join(out, "last.pt"))["val_due"] and not os.path.exists(os.path.join(out, "best.pt"))
+    r = train_cli(tmp_path, flags(out=out, resume=True))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert validations(out) == [(0, "val"), (2, "cut"), (2, "val")] and "validation after training:" in r.stdout
+    assert os.path.exists(os.path.join(out, "best.pt")) and not load(os.path.join(out, "last.pt"))["val_due"]
+
+
+def test_a_validation_cut_mid_run_is_redone_on_resume(demo, tmp_path):
+    out = str(tmp_path / "run")
+    data = images_jsonl(demo, tmp_path)
+    r = train_cli(tmp_path, flags(data=data, val_data=data, out=out, steps=4, eval_every=2), sigint_at_call=2)
+    assert "stopped by signal 2 at step 2" in r.stdout + r.stderr, r.stdout[-2000:]
+    assert validations(out) == [(0, "val"), (2, "cut")]
+    r = train_cli(tmp_path, flags(out=out, resume=True))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "redoing the validation of step 2" in r.stdout
+    assert validations(out) == [(0, "val"), (2, "cut"), (2, "val"), (4, "val")]
