@@ -6,10 +6,11 @@ train.py calls these; none of it is needed to read the training algorithm itself
 import dataclasses
 import datetime
 import errno
-import signal
 import fcntl
+import hashlib
 import json
 import os
+import signal
 import re
 import tempfile
 import warnings
@@ -485,3 +486,34 @@ class RunGuard:
     def all_skipped(self):
         """Every rank's skipped training samples (a collective)."""
         return [why for part in self.agree.gather(self.skipped) for why in part]
+
+
+# -----------------------------------------------------------------------------
+# the training data a run resumes on
+
+
+def data_identity(files):
+    """{flag: (jsonl path, its rows as read)} -> {flag: {path, bytes, rows, sha256}}: what last.pt keeps of
+    each training jsonl, so that --resume can tell the data it continues on is the run's."""
+    out = {}
+    for flag, (path, rows) in files.items():
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        out[flag] = dict(path=path, bytes=os.path.getsize(path), rows=len(rows), sha256=digest.hexdigest())
+    return out
+
+
+def check_same_data(now, saved):
+    """--resume: refuse (naming the file and what changed) when a training jsonl is not the run's any more.
+    A checkpoint from before this record carries none: nothing to compare."""
+    for flag, was in (saved or {}).items():
+        new = now.get(flag)
+        if new is None:
+            raise SystemExit(f"--resume: the run trained on {was['path']} (--{flag.replace('_', '-')}), not given now")
+        what = [f"{k} {was[k]} -> {new[k]}" for k in ("path", "rows", "bytes") if was[k] != new[k]]
+        if what or was["sha256"] != new["sha256"]:
+            raise SystemExit(f"--resume: {new['path']} changed since the run started ({'; '.join(what) or 'its content'}"
+                             "): resuming would not continue the run exactly. Restore the file, or start a new run "
+                             "(--init its last.pt for the weights)")

@@ -4,6 +4,7 @@ needed to read the algorithm: train.py's `train` takes a TrainConfig and runs it
 """
 import argparse
 import inspect
+import os
 import re
 from dataclasses import dataclass, fields, make_dataclass, replace
 
@@ -137,6 +138,16 @@ def parse_args(argv=None):
     return TrainConfig(**dict(vars(cfg), answer_data=tuple(cfg.answer_data)))
 
 
+PATHS = ("data", "video_data", "val_data", "text", "vision", "init")  # and answer_data's files
+
+
+def resolved(cfg):
+    """The input paths made absolute: the run keeps (and --resume compares) the files themselves, whatever
+    the working directory."""
+    paths = {k: os.path.abspath(getattr(cfg, k)) for k in PATHS if getattr(cfg, k)}
+    return replace(cfg, **paths, answer_data=tuple(os.path.abspath(p) for p in cfg.answer_data))
+
+
 def given_flags(argv):
     """The TrainConfig fields set on the command line (or, for a TrainConfig, those not at their default)."""
     if isinstance(argv, TrainConfig):
@@ -160,8 +171,9 @@ def resume_settings(cfg, given, saved):
     if "w_scl" in saved:  # a run from before MVSC and MLSC had a weight each
         saved = {"w_mvsc": saved["w_scl"], "w_mlsc": saved["w_scl"], **saved}
     saved = TrainConfig(**{k: tuple(v) if k == "answer_data" else v for k, v in saved.items() if k in known})
+    cfg, saved_paths = resolved(cfg), resolved(saved)  # a relative path saved by an older run: from here
     for name in sorted(given - RESUMABLE):
-        if getattr(cfg, name) != getattr(saved, name):
+        if getattr(cfg, name) != getattr(saved_paths, name):
             raise SystemExit(f"--{name.replace('_', '-')} {getattr(cfg, name)!r} differs from the run's "
                              f"{getattr(saved, name)!r}: --resume keeps the run's settings (only "
                              f"{', '.join('--' + n.replace('_', '-') for n in sorted(RESUMABLE - {'resume', 'out'}))} "

@@ -27,13 +27,13 @@ from tqdm import tqdm
 from batches import VQACollator, data_sets, loader
 from data import Collator, DataError, Tokenizer, item_seed, read_jsonl
 from eval import Interrupted, build_answer_vocab, evaluate_nlvr2, evaluate_retrieval, evaluate_vqa
-from guard import (RunGuard, check_flags, check_model_flags, check_task_rows, check_unlocked, claim_run_folder,
-                   load_checkpoint, save_checkpoint, stop_workers)
+from guard import (RunGuard, check_flags, check_model_flags, check_same_data, check_task_rows, check_unlocked,
+                   claim_run_folder, data_identity, load_checkpoint, save_checkpoint, stop_workers)
 from model import (CONFIGS, LOSSES, Config, SCLModel, autocast, config_from_checkpoint, fit_modality_rows,
                    resolve_precision, saved_weights, text_config)
 # (RESUMABLE, _parser and resume_settings are re-exported: train.X is where scripts and tests look them up)
 from settings import (INIT_RESETS, MODEL_FLAGS, PAPER_BATCH, PRESETS, RESUMABLE, Settings, TrainConfig,  # noqa: F401
-                      _parser, given_flags, parse_args, resume_settings, with_preset)
+                      _parser, given_flags, parse_args, resolved, resume_settings, with_preset)
 from shards import Positions, Shards, ShardStream, captions_for_vocabulary, is_shards, open_shards, scan_rows
 
 DATA_WAIT_WARN = 0.25  # share of a log interval spent waiting for the loader above which the run says so
@@ -247,6 +247,7 @@ class Run:
     best: float = -1.0            # best validation score so far
     before: dict = None           # the validation before training
     val_due: bool = False         # a validation that a stop cut short: redone on resume, on the same weights
+    data_identity: dict = None    # each training jsonl's path, size, rows and hash (guard.data_identity)
     log: object = None            # metrics.jsonl (rank 0)
 
     def record(self, entry):
@@ -263,7 +264,8 @@ def save(run, path, status, val=None, at=None):
     try:
         save_checkpoint(path, dict(
             model=run.model.state_dict(), optimizer=run.opt.state_dict(), step=run.step, seen=dict(run.seen),
-            best=run.best, before=run.before, val_due=run.val_due, config=asdict(run.config), train_config=asdict(run.cfg),
+            best=run.best, before=run.before, val_due=run.val_due, data_identity=run.data_identity,
+            config=asdict(run.config), train_config=asdict(run.cfg),
             tokenizer=run.tokenizer.to_str(), answers=run.answers, val=val, shards=at))
     except SystemExit as e:
         return str(e.code)
@@ -344,7 +346,7 @@ def main(argv=None):
 def train(argv, to_close, status):
     """The run, top to bottom: settings, data, tokenizer, model, optimiser, run folder, then the steps."""
     given = given_flags(argv)
-    cfg = with_preset(parse_args(argv) if not isinstance(argv, TrainConfig) else argv, given)
+    cfg = resolved(with_preset(parse_args(argv) if not isinstance(argv, TrainConfig) else argv, given))
     check_flags(cfg)
     rank, world, device = setup_distributed(cfg)
     precision = resolve_precision(cfg.precision, device)
@@ -356,6 +358,10 @@ def train(argv, to_close, status):
     torch.manual_seed(cfg.seed)
     cfg = with_demo_data(cfg, rank == 0, world)
     data = read_data(cfg, guard.skipped)
+    identity = data_identity({flag: (getattr(cfg, flag), data[kind]) for flag, kind in (("data", "image"),
+                              ("video_data", "video")) if isinstance(data[kind], list) and data[kind]})  # jsonl
+    if cfg.resume:
+        check_same_data(identity, ckpt.get("data_identity"))
     tokenizer = make_tokenizer(cfg, ckpt, data)
     answers = answer_vocabulary(cfg, ckpt, data)
     config = model_config(cfg, ckpt and ckpt["config"], tokenizer, len(answers or ()))
@@ -370,7 +376,7 @@ def train(argv, to_close, status):
     model.to(device)
     model.grad_checkpointing = cfg.grad_checkpointing
     opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=(0.9, cfg.beta2), eps=1e-8, fused=True)
-    run = Run(cfg, model.config, model, opt, tokenizer, answers, device, precision, rank == 0)
+    run = Run(cfg, model.config, model, opt, tokenizer, answers, device, precision, rank == 0, data_identity=identity)
     if cfg.resume:
         opt.load_state_dict(ckpt["optimizer"])
         run.step, run.seen, run.best, run.before = ckpt["step"], ckpt["seen"], ckpt["best"], ckpt.get("before")

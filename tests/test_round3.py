@@ -221,3 +221,49 @@ def test_a_validation_cut_mid_run_is_redone_on_resume(demo, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert "redoing the validation of step 2" in r.stdout
     assert validations(out) == [(0, "val"), (2, "cut"), (2, "val"), (4, "val")]
+
+# -----------------------------------------------------------------------------
+# resume checks its data
+
+
+def test_resume_refuses_a_changed_jsonl(demo, tmp_path):
+    out = str(tmp_path / "run")
+    data = images_jsonl(demo, tmp_path)
+    r = train_cli(tmp_path, flags(data=data, out=out, steps=2, eval_every=0))
+    assert r.returncode == 0, r.stderr[-2000:]
+    with open(data) as f:
+        lines = f.readlines()
+    with open(data, "w") as f:
+        f.writelines(lines[:6])  # 8 rows -> 6
+    r = train_cli(tmp_path, flags(out=out, resume=True, steps=4))
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert f"--resume: {data} changed since the run started (rows 8 -> 6; bytes" in r.stderr, r.stderr[-2000:]
+    with open(data, "w") as f:  # the same rows again: the run continues
+        f.writelines(lines)
+    r = train_cli(tmp_path, flags(out=out, resume=True, steps=4))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert [e["step"] for e in train_entries(out)] == [1, 2, 3, 4]
+
+
+def test_resume_keeps_the_files_of_the_run_whatever_the_working_directory(demo, tmp_path):
+    """A relative --data is saved resolved: resuming from another folder (with another data.jsonl in it) trains
+    on the run's file; naming that file by its absolute path is the same file, not a different setting."""
+    import subprocess
+    import sys
+
+    from test_train import REPO, load
+    first, second = tmp_path / "first", tmp_path / "second"
+    for folder, n in ((first, 8), (second, 4)):
+        folder.mkdir()
+        images_jsonl(demo, folder, n=n)  # folder/data.jsonl
+    out = str(tmp_path / "run")
+
+    def run(cwd, *argv):
+        return subprocess.run([sys.executable, os.path.join(REPO, "train.py"), *argv], cwd=cwd, capture_output=True,
+                              text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    r = run(first, *flags(data="data.jsonl", out=out, steps=2, eval_every=0))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert load(os.path.join(out, "last.pt"))["train_config"]["data"] == str(first / "data.jsonl")
+    r = run(second, *flags(out=out, resume=True, steps=3, data=str(first / "data.jsonl")))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert [e["step"] for e in train_entries(out)] == [1, 2, 3]
