@@ -129,14 +129,14 @@ def convert_nlvr2(json_path, images_root):
             ident, sentence, label = ex.get("identifier"), ex.get("sentence"), ex.get("label")
             if not isinstance(ident, str) or len(ident.split("-")) != 4:
                 raise DataError(f"{where}: \"identifier\" must look like split-set-pair-sentence, not {ident!r}")
-            if ident in seen:  # the official metric keys by identifier: a repeated line would count twice
-                repeated.append(f"{where} repeats {ident} of line {seen[ident]}")
-                continue
-            seen[ident] = n
             if not isinstance(sentence, str) or not sentence.strip():
                 raise DataError(f"{where}: \"sentence\" must be a non-empty string")
             if not isinstance(label, str) or label.lower() not in ("true", "false"):
                 raise DataError(f"{where}: \"label\" must be \"True\" or \"False\", not {label!r}")
+            if ident in seen:  # the official metric keys by identifier: a repeated line would count twice
+                repeated.append(f"{where} repeats {ident} of line {seen[ident]}")
+                continue
+            seen[ident] = n
             folder = os.path.join(images_root, str(ex["directory"])) if "directory" in ex else images_root
             stem = os.path.join(folder, ident.rsplit("-", 1)[0])
             rows.append(dict(images=[os.path.abspath(stem + "-img0.png"), os.path.abspath(stem + "-img1.png")],

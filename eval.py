@@ -541,7 +541,8 @@ def main(argv=None):
     common.add_argument("--ckpt", required=True, help="checkpoint written by train.py")
     common.add_argument("--data", required=True, help="jsonl of the evaluation split")
     common.add_argument("--out", help="folder for the result files, made if needed (default: the checkpoint's); "
-                        "files are named after the checkpoint and the data, e.g. eval_retrieval_best_coco_test.json")
+                        "files are named after the checkpoint and the data, e.g. eval_retrieval_best_coco_test.json, "
+                        "and the run folder when --out is another folder")
     common.add_argument("--batch-size", type=int, default=64, help="clips, texts or fused pairs per forward")
     common.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     common.add_argument("--precision", default="auto", choices=PRECISIONS,
@@ -551,6 +552,8 @@ def main(argv=None):
     common.add_argument("--frames", type=int, help="frames per video (default: the checkpoint's)")
     common.add_argument("--max-len", type=int, help="text length in tokens (default: the checkpoint's)")
     common.add_argument("--limit", type=int, help="only the first N rows (a quick check)")
+    common.add_argument("--overwrite", action="store_true", help="replace the result files of an earlier "
+                        "evaluation of the same checkpoint and data (refused otherwise)")
     common.add_argument("--skip-bad", action="store_true",
                         help="leave out rows whose image or video cannot be read (listed) instead of stopping")
     sub = p.add_subparsers(dest="task", required=True)
@@ -618,6 +621,26 @@ def read_rows(a, skipped):
     return rows
 
 
+def result_name(a, out_dir):
+    """The stem of every file an evaluation writes: checkpoint and data, e.g. best_coco_test; with the run folder
+    first when the files go elsewhere than the checkpoint's folder (runs/a/last.pt and runs/b/last.pt into one
+    --out: a_last_coco_test, b_last_coco_test). A result file that exists already is refused unless
+    --overwrite: an earlier evaluation is never replaced without a word."""
+    ckpt = os.path.abspath(a.ckpt)
+    parts = [os.path.splitext(os.path.basename(f))[0] for f in (ckpt, a.data)]
+    if os.path.dirname(ckpt) != out_dir:
+        parts.insert(0, os.path.basename(os.path.dirname(ckpt)))
+    name = "_".join(parts)
+    files = [os.path.join(out_dir, f"eval_{a.task}_{name}.json")]
+    if a.task in ("vqa", "nlvr2"):
+        ext = "json" if a.task == "vqa" else "csv"
+        files.append(os.path.abspath(a.preds or os.path.join(out_dir, f"{a.task}_preds_{name}.{ext}")))
+    there = [f for f in files if os.path.exists(f)]
+    if there and not a.overwrite:
+        raise SystemExit(f"{there[0]} exists (an earlier evaluation): pass --overwrite to replace it, or --out DIR")
+    return name
+
+
 def pick_device(name):
     return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
 
@@ -646,7 +669,7 @@ def evaluate(a, out_dir):
         raise SystemExit(f"--max-len {max_len}: the model's text encoder has {positions} positions")
     opts = dict(batch_size=a.batch_size, device=device, max_len=max_len, image_size=size, frames=frames,
                 workers=a.workers, skip_bad=a.skip_bad, precision=precision)
-    name = "_".join(os.path.splitext(os.path.basename(f))[0] for f in (a.ckpt, a.data))  # e.g. best_coco_test
+    name = result_name(a, out_dir)
     results = dict(task=a.task, ckpt=os.path.abspath(a.ckpt), step=ckpt.get("step"), data=os.path.abspath(a.data),
                    rows=len(rows), image_size=size, frames=frames, max_len=max_len,
                    json=os.path.join(out_dir, f"eval_{a.task}_{name}.json"), skipped=skipped)

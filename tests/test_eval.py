@@ -707,13 +707,14 @@ def test_main_end_to_end(files, capsys):
     assert [q["question_id"] for q in preds] == [0, 1, 2, 3] and 0 <= out["vqa_score"] <= 100
     assert json.loads((run_dir / "eval_vqa_last_vqa.json").read_text())["vqa_score"] == out["vqa_score"]
     named = files["root"] / "elsewhere" / "preds.json"  # --preds names the file; its folder is made
-    out = ev.main(["vqa", "--data", files["vqa"], "--preds", str(named), *common])
+    out = ev.main(["vqa", "--data", files["vqa"], "--preds", str(named), "--overwrite", *common])
     assert json.loads(named.read_text()) == preds and out["predictions"] == str(named)
-    assert ev.main(["vqa", "--data", files["vqa"], "--precision", "fp32", *common])["precision"] == "fp32"
+    assert ev.main(["vqa", "--data", files["vqa"], "--precision", "fp32", "--overwrite", *common])["precision"] == "fp32"
 
 
 def test_main_out_dir_and_names(files, tmp_path):
-    """--out DIR takes every result file; best.pt then last.pt on the same data keep one json each."""
+    """--out DIR takes every result file, named with the run folder too; best.pt then last.pt on the same data
+    keep one json each."""
     best = write_checkpoint(files["root"] / "run" / "best.pt", seed=1, step=3)
     out_dir = tmp_path / "results" / "new"  # made on demand
     for ckpt in (best, files["ckpt"]):
@@ -721,10 +722,30 @@ def test_main_out_dir_and_names(files, tmp_path):
                  *COMMON])
     ev.main(["vqa", "--ckpt", best, "--data", files["vqa"], "--out", str(out_dir), *COMMON])
     assert sorted(f.name for f in out_dir.iterdir()) == [
-        "eval_retrieval_best_test.json", "eval_retrieval_last_test.json", "eval_vqa_best_vqa.json",
-        "show_best_test.html", "show_last_test.html", "vqa_preds_best_vqa.json"]
-    steps = {f: json.loads((out_dir / f"eval_retrieval_{f}_test.json").read_text())["step"] for f in ("best", "last")}
+        "eval_retrieval_run_best_test.json", "eval_retrieval_run_last_test.json", "eval_vqa_run_best_vqa.json",
+        "show_run_best_test.html", "show_run_last_test.html", "vqa_preds_run_best_vqa.json"]
+    steps = {f: json.loads((out_dir / f"eval_retrieval_run_{f}_test.json").read_text())["step"] for f in ("best", "last")}
     assert steps == {"best": 3, "last": 7}
+
+
+def test_two_runs_into_one_out_keep_both_results_and_nothing_is_replaced_silently(files, tmp_path):
+    """runs/a/last.pt and runs/b/last.pt on the same data into one --out: two result files; the same evaluation
+    again is refused in one line (the earlier file intact) unless --overwrite."""
+    for run in ("a", "b"):
+        (tmp_path / "runs" / run).mkdir(parents=True)
+    a = write_checkpoint(tmp_path / "runs" / "a" / "last.pt", seed=1, step=3)
+    b = write_checkpoint(tmp_path / "runs" / "b" / "last.pt", seed=2, step=5)
+    out = tmp_path / "results"
+    argv = ["--data", files["vqa"], "--out", str(out), *COMMON]
+    for ckpt in (a, b):
+        ev.main(["vqa", "--ckpt", ckpt, *argv])
+    assert sorted(f.name for f in out.iterdir()) == ["eval_vqa_a_last_vqa.json", "eval_vqa_b_last_vqa.json",
+                                                     "vqa_preds_a_last_vqa.json", "vqa_preds_b_last_vqa.json"]
+    assert json.loads((out / "eval_vqa_a_last_vqa.json").read_text())["step"] == 3
+    before = (out / "eval_vqa_a_last_vqa.json").read_text()
+    one_line_exit(["vqa", "--ckpt", a, *argv], r"eval_vqa_a_last_vqa\.json exists .*--overwrite")
+    assert (out / "eval_vqa_a_last_vqa.json").read_text() == before
+    assert ev.main(["vqa", "--ckpt", a, "--overwrite", *argv])["step"] == 3
 
 
 def one_line_exit(argv, match):

@@ -116,7 +116,7 @@ def test_eval_retrieval_reads_shards_as_train_does(demo, ckpts, tmp_path):
         r = eval_cli("retrieval", "--ckpt", ckpts["pre"], "--data", data, "--k", "4", "--out", str(tmp_path / "ev"),
                      "--workers", "0")
         assert r.returncode == 0, r.stderr[-2000:]
-    got = [json.load(open(tmp_path / "ev" / f"eval_retrieval_last_{name}.json")) for name in ("images_val", "00000")]
+    got = [json.load(open(tmp_path / "ev" / f"eval_retrieval_pre_last_{name}.json")) for name in ("images_val", "00000")]
     assert got[0]["rows"] == got[1]["rows"] == 8
     assert got[0]["itc"] == got[1]["itc"] and got[0]["itm"] == got[1]["itm"]
 
@@ -149,7 +149,7 @@ def test_repeated_nlvr2_identifiers_are_scored_once(demo, ckpts, tmp_path):
     assert "5 rows repeat an identifier" in outs[1] and "repeat an identifier" not in outs[0]
     once, twice = (o[o.index("NLVR2 accuracy"):].splitlines()[0] for o in outs)
     assert once.split(" with")[0] == twice.split(" with")[0]  # the same accuracy, consistency and pair count
-    preds = open(tmp_path / "nlvr2_preds_last_nlvr2_twice.csv").read().splitlines()
+    preds = open(tmp_path / "nlvr2_preds_pre_last_nlvr2_twice.csv").read().splitlines()
     assert len(preds) == len({p.split(",")[0] for p in preds}) == len(lines)
 
 
