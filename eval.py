@@ -547,7 +547,8 @@ def main(argv=None):
     common.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     common.add_argument("--precision", default="auto", choices=PRECISIONS,
                         help="encoders and fusion: auto = bf16 on GPUs and on CPUs with native bf16, else fp32")
-    common.add_argument("--workers", type=int, default=4, help="data loading processes")
+    common.add_argument("--workers", type=int, default=min(4, len(os.sched_getaffinity(0))),
+                        help="data loading processes (default: 4, or the CPUs this process may use if fewer)")
     common.add_argument("--image-size", type=int, help="input size (default: the checkpoint's training size)")
     common.add_argument("--frames", type=int, help="frames per video (default: the checkpoint's)")
     common.add_argument("--max-len", type=int, help="text length in tokens (default: the checkpoint's)")

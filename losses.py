@@ -8,7 +8,6 @@ import contextlib
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 import torch.nn.functional as F
 
 
@@ -37,10 +36,28 @@ def gather(x, grad=True):
     if size == 1:
         return x
     if grad:
-        return torch.cat(dist_fn.all_gather(x), dim=0)
+        return GatherWithGrad.apply(x)
     parts = [torch.empty_like(x) for _ in range(size)]
     dist.all_gather(parts, x.contiguous())
     return torch.cat(parts, dim=0)
+
+
+class GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward gives each rank the gradient of its own rows, summed over every rank's loss."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.rank, size = world()
+        parts = [torch.empty_like(x) for _ in range(size)]
+        dist.all_gather(parts, x.contiguous())
+        ctx.rows = x.shape[0]
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(grad)                                         # every rank's loss: summed
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
 
 
 def info_nce(a, b, scale, a_all=None, b_all=None, rank=0, ids=None, ids_all=None):

@@ -395,7 +395,7 @@ def train(argv, to_close, status):
     if world > 1:  # a loss that is off leaves parameters without gradients, which DDP must be told
         every_loss_on = all(getattr(config, f"w_{name}") > 0 for name in LOSSES) and cfg.task == "pretrain"
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-                    find_unused_parameters=not every_loss_on, broadcast_buffers=False)  # buffers: constants
+                    find_unused_parameters=not every_loss_on)
     if cfg.compile:  # per block, in place (DDP's wrapper holds the same modules); validation runs eager
         run.model.compile_blocks()
     guard.catch_signals()

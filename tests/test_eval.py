@@ -976,3 +976,15 @@ def test_vqa_with_fewer_than_10_answers_is_scored_by_exact_match(gallery):
     assert metrics["vqa"] == 100 and metrics["exact"] == pytest.approx(100 / n)
     assert metrics["score"] == pytest.approx(100 * 2 / len(rows))
     assert metrics["metric"] == f"VQA accuracy (1 question) + exact match ({n} questions)"
+
+
+def test_default_workers_fit_the_machine(files, tmp_path, monkeypatch):
+    """On a 2-CPU machine eval.py's default loader does not ask for more workers than there are CPUs (torch
+    would print a warning about it)."""
+    import warnings
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ev.main(["retrieval", "--ckpt", files["ckpt"], "--data", files["test"], "--k", "0", "--out", str(tmp_path),
+                 "--device", "cpu", "--batch-size", "3"])
+    assert not [w for w in caught if "worker" in str(w.message)], [str(w.message) for w in caught]
