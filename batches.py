@@ -74,9 +74,9 @@ class TrainCollator:
         self.collate = collate
 
     def __call__(self, samples):
-        errors = [s["error"] for s in samples if "error" in s]
+        errors = [s for s in samples if "error" in s]
         if errors:
-            return {"error": errors[0]}
+            return {"error": errors[0]["error"], "whole_file": errors[0].get("whole_file", False)}
         batch = self.collate(samples)
         batch["skipped"] = [why for s in samples for why in s["replaced"]]
         return batch

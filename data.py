@@ -30,6 +30,11 @@ Image.MAX_IMAGE_PIXELS = 8192 * 8192
 class DataError(ValueError):
     """A bad data file; the message names the file (and the jsonl line where there is one)."""
 
+
+class WholeFileError(DataError):
+    """A data file that cannot be used as a whole (it cannot be opened, or changed since the checkpoint): --skip-bad,
+    which skips samples, cannot help."""
+
 # -----------------------------------------------------------------------------
 # jsonl
 
@@ -110,7 +115,7 @@ def read_jsonl(path, skip_bad=False, skipped=None):
     try:
         f = open(path, "rb")  # decoded line by line: a line that is not UTF-8 is named (or skipped)
     except OSError as e:
-        raise DataError(f"{path}: cannot open ({e.strerror})") from e
+        raise WholeFileError(f"{path}: cannot open ({e.strerror})") from e
     with f:
         for line_no, raw in enumerate(f, 1):
             if not raw.strip():

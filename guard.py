@@ -392,9 +392,10 @@ class RunGuard:
     - the readers' positions in tar shards after the batches trained on (what last.pt keeps);
     - the samples skipped under --skip-bad, for the report at the end."""
 
-    def __init__(self, world, device, timeout_minutes=120.0, max_bad_steps=20):
+    def __init__(self, world, device, timeout_minutes=120.0, max_bad_steps=20, skip_bad=False):
         self.agree = Agreement(world, timeout_minutes)
         self.signal, self.stopping, self.error, self.too_many_bad = None, False, None, False
+        self.skip_bad, self.whole_file = skip_bad, False
         self.bad_total, self.bad_streak = torch.zeros((), device=device), torch.zeros((), device=device)
         self.max_bad, self.streak_seen = max_bad_steps, Lagged(self.bad_streak)
         self.where, self.skipped, self.val_skipped = None, [], set()
@@ -441,7 +442,7 @@ class RunGuard:
         the batch, or None when a rank met a bad sample (seen is back at the step's start)."""
         seen[kind] += 1
         self.where.keep(kind, batch)
-        self.error = batch.get("error")
+        self.error, self.whole_file = batch.get("error"), batch.get("whole_file", False)
         if self.agree(BAD_DATA if self.error else 0) & BAD_DATA:
             seen.update(self.before[0])
             return None
@@ -450,7 +451,8 @@ class RunGuard:
 
     def stop_on_bad_data(self, failed):
         """After last.pt was written at the state before the step (failed: why it could not be)."""
-        raise SystemExit(f"bad sample: {self.error}\n(pass --skip-bad to skip and count such samples)" if self.error
+        hint = "" if self.skip_bad or self.whole_file else "\n(pass --skip-bad to skip and count such samples)"
+        raise SystemExit(f"bad sample: {self.error}{hint}" if self.error
                          else "another rank met a bad sample (see its message); stopping"
                          + (f"; {failed}" if failed else ""))
 

@@ -29,7 +29,7 @@ import tarfile
 
 import torch
 
-from data import DataError, Member, item_seed, load_image, load_video, swap_left_right
+from data import DataError, Member, WholeFileError, item_seed, load_image, load_video, swap_left_right
 
 MEDIA = {"image": ("jpg", "jpeg", "png", "webp"), "video": ("mp4", "webm")}
 MEDIA_EXTS = {e for exts in MEDIA.values() for e in exts}
@@ -96,7 +96,7 @@ def open_shards(spec, kind, skip_bad=False, skipped=None):
             with open(spec, encoding="utf-8") as f:
                 lines = [line.strip() for line in f]
         except OSError as e:
-            raise DataError(f"{spec}: cannot open ({e.strerror})") from None
+            raise WholeFileError(f"{spec}: cannot open ({e.strerror})") from None
         root = os.path.dirname(os.path.abspath(spec))
         paths = [os.path.join(root, line) for line in lines if line and not line.startswith("#")]
     else:
@@ -335,7 +335,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                 items = [reader.next_item() for _ in range(self.batch)]
                 yield items, reader.state()
         except DataError as e:  # the main process stops the run naming it (from a worker, as a value)
-            yield [{"error": str(e)}], None
+            yield [{"error": str(e), "whole_file": isinstance(e, WholeFileError)}], None
 
 
 class _Reader:
@@ -359,7 +359,8 @@ class _Reader:
         except (DataError, OSError, StopIteration):
             s = {"bad": True}
         if "bad" in s or s["offset"] != offset or caption >= len(s["captions"]):
-            raise DataError(f"{path}: changed since the checkpoint (no sample at byte {offset} as the run read it)")
+            raise WholeFileError(f"{path}: changed since the checkpoint (no sample at byte {offset} as the run read "
+                                 "it): resuming needs the run's shards as they were")
         return rnd, offset, caption, s, path, epoch, no
 
     def _bad(self, why):

@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from batches import VQACollator, data_sets, loader
-from data import Collator, DataError, Tokenizer, item_seed, read_jsonl
+from data import Collator, DataError, Tokenizer, WholeFileError, item_seed, read_jsonl
 from eval import Interrupted, build_answer_vocab, evaluate_nlvr2, evaluate_retrieval, evaluate_vqa
 from guard import (RunGuard, check_flags, check_model_flags, check_same_data, check_task_rows, check_unlocked,
                    claim_run_folder, data_identity, load_checkpoint, save_checkpoint, stop_workers)
@@ -130,8 +130,9 @@ def read_rows(path, cfg, skipped, kind=None):
             shards = open_shards(path, kind or "image", cfg.skip_bad, skipped)
             return shards if kind else scan_rows(shards, cfg.skip_bad, skipped)
         return read_jsonl(path, skip_bad=cfg.skip_bad, skipped=skipped)
-    except DataError as e:
-        raise SystemExit(f"{e}\n(pass --skip-bad to skip and count such rows)") from None
+    except DataError as e:  # the hint only where skipping rows could help
+        hint = "" if cfg.skip_bad or isinstance(e, WholeFileError) else "\n(pass --skip-bad to skip and count such rows)"
+        raise SystemExit(f"{e}{hint}") from None
 
 
 def read_data(cfg, skipped):
@@ -352,7 +353,7 @@ def train(argv, to_close, status):
     precision = resolve_precision(cfg.precision, device)
     if device.type == "cuda" and precision == "fp32":  # fp32 on a GPU means TF32 matmuls, as the field uses it
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    guard = RunGuard(world, device, cfg.vote_timeout, cfg.max_bad_steps)
+    guard = RunGuard(world, device, cfg.vote_timeout, cfg.max_bad_steps, cfg.skip_bad)
     check_unlocked(cfg.out, rank == 0, guard.agree)
     cfg, ckpt = starting_point(cfg, given, rank == 0)
     torch.manual_seed(cfg.seed)

@@ -267,3 +267,61 @@ def test_resume_keeps_the_files_of_the_run_whatever_the_working_directory(demo, 
     r = run(second, *flags(out=out, resume=True, steps=3, data=str(first / "data.jsonl")))
     assert r.returncode == 0, r.stderr[-2000:]
     assert [e["step"] for e in train_entries(out)] == [1, 2, 3]
+
+# -----------------------------------------------------------------------------
+# the --skip-bad hint only where skipping could help
+
+HINT = "pass --skip-bad"
+
+
+def test_no_skip_bad_hint_for_a_missing_file_on_resume(demo, tmp_path):
+    out = str(tmp_path / "run")
+    data = images_jsonl(demo, tmp_path)
+    assert train_cli(tmp_path, flags(data=data, out=out, steps=1, eval_every=0)).returncode == 0
+    os.rename(data, data + ".moved")
+    r = train_cli(tmp_path, flags(out=out, resume=True, steps=2))
+    assert r.returncode == 1 and f"{data}: cannot open" in r.stderr, r.stderr[-2000:]
+    assert HINT not in r.stderr
+
+
+def test_no_skip_bad_hint_when_skip_bad_was_given(demo, tmp_path):
+    data = images_jsonl(demo, tmp_path, edit=lambda lines: lines.__setitem__(slice(None), ['{"image": "gone.jpg", '
+                                                                                           '"caption": "x"}'] * 3))
+    r = train_cli(tmp_path, flags(data=data, out=str(tmp_path / "a"), steps=1, eval_every=0))
+    assert r.returncode == 1 and HINT in r.stderr  # without --skip-bad: the hint
+    r = train_cli(tmp_path, flags(data=data, out=str(tmp_path / "b"), steps=1, eval_every=0, skip_bad=True))
+    assert r.returncode == 1 and "no valid rows" in r.stderr and HINT not in r.stderr, r.stderr[-2000:]
+
+
+def test_shards_changed_since_the_checkpoint_give_no_skip_bad_hint(demo, tmp_path):
+    """A resumed shard reader whose shard was rewritten: the error travels from the worker marked as one that
+    --skip-bad cannot help, and the stop names it without the hint."""
+    import shutil
+
+    import batches
+    import guard
+    import shards
+    from data import read_jsonl
+    rows = read_jsonl(images_jsonl(demo, tmp_path, n=8))
+    spec = shards.write_shards(rows, str(tmp_path / "s"), per_shard=8)
+    ds = shards.ShardStream(shards.open_shards(spec, "image"), 2, 0, 1, 1, 0, 32, 1, 4, False)
+    at = shards.Positions({"image": ds})
+    for _, (items, state) in zip(range(2), ds.batches(0)):
+        at.keep("image", {"shard_state": state})
+    saved = at.gathered(lambda part: [part])
+    (tmp_path / "o").mkdir()
+    moved = read_jsonl(images_jsonl(demo, tmp_path / "o", n=8))[::-1]  # the same samples, another order
+    shutil.copy(shards.write_shards(moved, str(tmp_path / "s2"), per_shard=8).replace("{00000..00000}", "00000"),
+                os.path.join(str(tmp_path / "s"), "00000.tar"))
+    resumed = shards.ShardStream(shards.open_shards(spec, "image"), 2, 0, 1, 1, 0, 32, 1, 4, False,
+                                 {"seen": {"image": 2}, "shards": saved})
+    items, _ = next(resumed.batches(0))
+    batch = batches.TrainCollator(lambda samples: {})(items)
+    assert batch["whole_file"] and "changed since the checkpoint" in batch["error"]
+    g = guard.RunGuard(1, torch.device("cpu"))
+    g.track_shards(shards.Positions({}))
+    g.start_step({"image": 0})
+    assert g.take(batch, "image", {"image": 0}) is None
+    with pytest.raises(SystemExit) as err:
+        g.stop_on_bad_data(None)
+    assert "changed since the checkpoint" in str(err.value) and HINT not in str(err.value)
