@@ -486,8 +486,9 @@ class RunGuard:
                 print(f"validation skipped {why}")
 
     def all_skipped(self):
-        """Every rank's skipped training samples (a collective)."""
-        return [why for part in self.agree.gather(self.skipped) for why in part]
+        """Every rank's skipped training samples (a collective), each reason once (a row in both --data and
+        --val-data is skipped by both)."""
+        return list(dict.fromkeys(why for part in self.agree.gather(self.skipped) for why in part))
 
 
 # -----------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import io
 import itertools
 import math
 import os
+import unicodedata
 from urllib.parse import quote
 
 import numpy as np
@@ -305,7 +306,14 @@ def run_labels(paths, labels=None):
             labels = [os.path.dirname(os.path.relpath(p)) or "." for p in paths]
     if len(labels) != len(paths):
         raise ValueError(f"{len(labels)} labels for {len(paths)} runs")
-    return labels
+    return [ascii_label(label) for label in labels]
+
+
+def ascii_label(text):
+    """PIL's built-in font draws ASCII only (anything else as boxes): accents dropped (é -> e), other
+    characters written as their code points (运 -> \\u8fd0), so that two names stay apart."""
+    plain = "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c))
+    return plain.encode("ascii", "backslashreplace").decode("ascii")
 
 
 def legend_layout(labels, font, width):

@@ -325,3 +325,39 @@ def test_shards_changed_since_the_checkpoint_give_no_skip_bad_hint(demo, tmp_pat
     with pytest.raises(SystemExit) as err:
         g.stop_on_bad_data(None)
     assert "changed since the checkpoint" in str(err.value) and HINT not in str(err.value)
+
+# -----------------------------------------------------------------------------
+# small ones: the legend's names, the skipped list, the VQA question count
+
+
+def test_plot_legend_names_are_ascii_and_stay_apart(demo, tmp_path):
+    import pictures
+    labels = pictures.run_labels([str(tmp_path / n / "metrics.jsonl") for n in ("运行", "运动", "café")])
+    assert labels == ["\\u8fd0\\u884c", "\\u8fd0\\u52a8", "cafe"]
+    assert all(label.isascii() and label.isprintable() for label in labels)
+
+
+def test_a_row_skipped_in_data_and_val_data_is_listed_once(demo, tmp_path):
+    import json
+
+    def one_missing(lines):
+        lines[3] = json.dumps({"image": str(tmp_path / "gone.jpg"), "caption": "nothing"})
+    data = images_jsonl(demo, tmp_path, edit=one_missing)
+    out = str(tmp_path / "run")
+    r = train_cli(tmp_path, flags(data=data, val_data=data, out=out, steps=1, eval_every=0, skip_bad=True))
+    assert r.returncode == 0, r.stderr[-2000:]
+    line = next(s for s in r.stdout.splitlines() if s.startswith("skipped "))
+    assert line.startswith("skipped 1 bad samples") and line.count("gone.jpg") == 1, line
+
+
+def test_eval_vqa_counts_the_questions_it_scores(demo, ckpts, tmp_path):
+    import json
+    from test_train import absolute_rows
+    rows = absolute_rows(demo["vqa_train"])[:5]
+    for r in rows[3:]:
+        r["answers"] = []  # test-dev style: predictions only
+    path = tmp_path / "vqa.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    r = eval_cli("vqa", "--ckpt", ckpts["vqa"], "--data", str(path), "--out", str(tmp_path), "--workers", "0")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "VQA accuracy, 3 questions with answers (and 2 without: predictions only)" in r.stdout, r.stdout
