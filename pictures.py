@@ -163,7 +163,7 @@ def write_attention_png(model, tokenizer, image, caption, out_png, image_size=22
 # the keys of a line of metrics.jsonl that are not curves of their own; every other number is one: the
 # learning rate and each loss term (train.py logs every term the model's forward returns), so a new loss
 # gets its panel without a change here
-NOT_CURVES = {"step", "nonfinite_steps", "samples_per_s", "data_wait", "val"}
+NOT_CURVES = {"step", "nonfinite_steps", "samples_per_s", "data_wait", "val", "validation_interrupted"}
 TITLES = {"loss": "total loss", "val": "validation score", "val image": "validation score, image",
           "val video": "validation score, video", "lr": "learning rate"}
 RUN_COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),

@@ -361,3 +361,20 @@ def test_eval_vqa_counts_the_questions_it_scores(demo, ckpts, tmp_path):
     r = eval_cli("vqa", "--ckpt", ckpts["vqa"], "--data", str(path), "--out", str(tmp_path), "--workers", "0")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "VQA accuracy, 3 questions with answers (and 2 without: predictions only)" in r.stdout, r.stdout
+
+
+def test_curves_of_an_nlvr2_run_and_an_interrupted_validation(tmp_path):
+    """An NLVR2 fine-tuning logs its loss as "nlvr2": a panel of its own; the record of a validation cut short
+    draws nothing."""
+    import json
+
+    import pictures
+    lines = [{"step": 0, "val": {"accuracy": 50.0, "score": 50.0}},
+             {"step": 5, "lr": 1e-4, "nonfinite_steps": 0, "loss": 0.69, "nlvr2": 0.69},
+             {"step": 5, "validation_interrupted": True},
+             {"step": 10, "lr": 5e-5, "nonfinite_steps": 0, "loss": 0.6, "nlvr2": 0.6}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in lines))
+    curves = pictures.read_curves(str(tmp_path / "metrics.jsonl"))
+    assert pictures.panel_names([curves]) == ["loss", "nlvr2", "val", "lr"]
+    pictures.plot_curves(str(tmp_path), str(tmp_path / "curves.png"))
+    assert (tmp_path / "curves.png").stat().st_size > 0
