@@ -135,6 +135,16 @@ def read_rows(path, cfg, skipped, kind=None):
         raise SystemExit(f"{e}{hint}") from None
 
 
+def training_files(cfg, data, ckpt):
+    """What last.pt keeps of each training jsonl (guard.data_identity); on --resume, a jsonl that changed since
+    the run started is refused (resuming would not continue the run exactly)."""
+    identity = data_identity({flag: (getattr(cfg, flag), data[kind]) for flag, kind in (("data", "image"),
+                              ("video_data", "video")) if isinstance(data[kind], list) and data[kind]})
+    if cfg.resume:
+        check_same_data(identity, ckpt.get("data_identity"))
+    return identity
+
+
 def read_data(cfg, skipped):
     """{"image": rows or Shards, "video": rows or Shards, "val": rows}, checked at start-up: malformed lines,
     empty captions, missing files, rows that do not fit the task."""
@@ -359,10 +369,7 @@ def train(argv, to_close, status):
     torch.manual_seed(cfg.seed)
     cfg = with_demo_data(cfg, rank == 0, world)
     data = read_data(cfg, guard.skipped)
-    identity = data_identity({flag: (getattr(cfg, flag), data[kind]) for flag, kind in (("data", "image"),
-                              ("video_data", "video")) if isinstance(data[kind], list) and data[kind]})  # jsonl
-    if cfg.resume:
-        check_same_data(identity, ckpt.get("data_identity"))
+    identity = training_files(cfg, data, ckpt)
     tokenizer = make_tokenizer(cfg, ckpt, data)
     answers = answer_vocabulary(cfg, ckpt, data)
     config = model_config(cfg, ckpt and ckpt["config"], tokenizer, len(answers or ()))
@@ -381,7 +388,7 @@ def train(argv, to_close, status):
     if cfg.resume:
         opt.load_state_dict(ckpt["optimizer"])
         run.step, run.seen, run.best, run.before = ckpt["step"], ckpt["seen"], ckpt["best"], ckpt.get("before")
-        run.val_due = ckpt.get("val_due", False)
+        run.val_due = ckpt.get("val_due", False)  # a validation a stop cut short
 
     if run.master:
         describe_run(run, data, given, ckpt, world)
@@ -403,15 +410,7 @@ def train(argv, to_close, status):
     val_sets = {kind: ([r for r in data["val"] if r["kind"] == kind], sizes[kind]) for kind in ("image", "video")
                 if any(r["kind"] == kind for r in data["val"])}  # each modality at its own size
 
-    if run.before is None:
-        run.before = validate(run, val_sets, guard)
-        if run.master and run.before:
-            print(f"validation before training: {fmt(run.before)}")
-            run.record({"step": run.step, "val": run.before})
-    if run.val_due and run.step < cfg.steps:  # (at the last step, finish validates anyway)
-        if run.master:
-            print(f"redoing the validation of step {run.step}, which a stop cut short")
-        guard.vote(validate_and_keep_best(run, val_sets, guard, status)[1])
+    validate_at_start(run, val_sets, guard, status)
     train_steps(run, model, streams, val_sets, guard, status, rank, world)
     finish(run, val_sets, guard, status, streams)
     if world > 1 and "RANK" in os.environ:
@@ -520,6 +519,20 @@ def stop_nonfinite(run, guard, status):
     failed = save(run, os.path.join(run.cfg.out, "nonfinite.pt"), status)
     raise SystemExit(failed or f"{int(guard.bad_streak)} non-finite steps in a row at step {run.step}: stopping (the "
                      f"weights before them are in {run.cfg.out}/nonfinite.pt). Lower --lr or check the data.")
+
+
+def validate_at_start(run, val_sets, guard, status):
+    """The validation before training (once per run), and on resume one that a stop cut short (redone on the
+    same weights; at the last step finish() validates anyway)."""
+    if run.before is None:
+        run.before = validate(run, val_sets, guard)
+        if run.master and run.before:
+            print(f"validation before training: {fmt(run.before)}")
+            run.record({"step": run.step, "val": run.before})
+    if run.val_due and run.step < run.cfg.steps:
+        if run.master:
+            print(f"redoing the validation of step {run.step}, which a stop cut short")
+        guard.vote(validate_and_keep_best(run, val_sets, guard, status)[1])
 
 
 def set_lr(opt, cfg, step):

@@ -29,6 +29,7 @@ NOT_OURS = {
     "recording.py": "written by tests/test_shards.py into its temporary folder",
     "driver.py": "written by tests/test_exit.py into its temporary folder",
     "slow_validation.py": "written by tests/test_gpu_ready.py into its temporary folder",
+    "train_with_sigint.py": "written by tests/test_round3.py into its temporary folder",
 }
 SECTION = re.compile(r"§\s?(\d+(?:\.\d+)*)")
 WRONG_FORM = re.compile(r"\bMETHOD(?:\.md)?,?\s+(?:[Ss]ection|[Ss]ec\.?)\s*\d|\bMETHOD\s+§\s?\d")

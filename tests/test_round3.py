@@ -182,7 +182,7 @@ def train_cli(tmp_path, argv, sigint_at_call=None):
     import subprocess
     import sys
     from test_train import REPO
-    script = tmp_path / "run.py"
+    script = tmp_path / "train_with_sigint.py"
     script.write_text(SIGINT_IN_VALIDATION.format(repo=REPO, call=sigint_at_call or 0))
     return subprocess.run([sys.executable, str(script), *argv], capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
