@@ -486,9 +486,8 @@ class RunGuard:
                 print(f"validation skipped {why}")
 
     def all_skipped(self):
-        """Every rank's skipped training samples (a collective), each reason once (a row in both --data and
-        --val-data is skipped by both)."""
-        return list(dict.fromkeys(why for part in self.agree.gather(self.skipped) for why in part))
+        """Every rank's skipped training samples (a collective): one entry per skip."""
+        return [why for part in self.agree.gather(self.skipped) for why in part]
 
 
 # -----------------------------------------------------------------------------

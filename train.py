@@ -615,8 +615,9 @@ def finish(run, val_sets, guard, status, streams):
             print(f"validation before training: {fmt(run.before)}\nvalidation after training:  {fmt(after)}")
     skipped = guard.all_skipped()
     if skipped and run.master:
-        print(f"skipped {len(skipped)} bad samples; first: " + "; ".join(skipped[:5]))
-        run.record({"step": run.step, "skipped": len(skipped), "skipped_first": skipped[:20]})
+        distinct = list(dict.fromkeys(skipped))  # a row met twice (two epochs; --data and --val-data) is named once
+        print(f"skipped {len(skipped)} bad samples; first: " + "; ".join(distinct[:5]))
+        run.record({"step": run.step, "skipped": len(skipped), "skipped_first": distinct[:20]})
     if run.master:  # after training or a stop; a picture that cannot be drawn does not fail the run
         from pictures import plot_curves  # only the end of a run draws
         try:

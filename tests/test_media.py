@@ -10,19 +10,19 @@ from fractions import Fraction
 import av
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 from data import DataError, PairDataset, frame_indices, load_image, load_video, read_jsonl, write_jsonl  # noqa: E402
 
-MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
-STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
 
 
-def unnormalise(x):
-    """(..., 3, H, W) CLIP-normalised tensor -> (..., H, W, 3) values in 0..255."""
-    return (x.movedim(-3, -1).numpy() * STD + MEAN) * 255
+def rgb_values(x):
+    """(..., 3, H, W) uint8 tensor, as the loaders give it -> (..., H, W, 3) float values in 0..255."""
+    assert x.dtype == torch.uint8
+    return x.movedim(-3, -1).numpy().astype(np.float32)
 
 
 def quadrants(h, w):
@@ -75,7 +75,7 @@ def test_eval_crop_of_square_image_has_no_black_row(tmp_path, side):
     for size in (224, 384):
         x, _ = load_image(tmp_path / "white.png", size, train=False)
         assert x.shape == (3, size, size)
-        assert unnormalise(x).min() > 250, (side, size)  # a padded row would be 0
+        assert rgb_values(x).min() > 250, (side, size)  # a padded row would be 0
 
 
 # -----------------------------------------------------------------------------
@@ -101,7 +101,7 @@ def test_load_image_applies_exif_orientation(tmp_path, orientation):
     x, flipped = load_image(tmp_path / "phone.jpg", 32, train=False)  # shorter side is 32: no resampling
     want = centre_crop(EXIF_DISPLAY[orientation](stored), 32).astype(np.float32)
     assert not flipped
-    assert np.abs(unnormalise(x) - want).mean() < 4, orientation  # JPEG noise only; a wrong turn costs ~100
+    assert np.abs(rgb_values(x) - want).mean() < 4, orientation  # JPEG noise only; a wrong turn costs ~100
 
 
 def write_rotated_clip(path, stored, n=4, rotation=None, matrix=None, codec="libx264"):
@@ -140,13 +140,13 @@ def test_load_video_applies_display_rotation(tmp_path, ext, codec, rotation, mat
     clip, flipped = load_video(path, 32, 2, train=False)
     want = centre_crop(np.rot90(stored, turns), 32).astype(np.float32)  # numpy: positive turns = counter-clockwise
     assert clip.shape == (2, 3, 32, 32) and not flipped
-    for frame in unnormalise(clip):
+    for frame in rgb_values(clip):
         assert np.abs(frame - want).mean() < 8, (rotation, matrix)  # codec noise only; a wrong turn costs ~100
 
 
 def red_side(pixels):
     """'left' or 'right': where the red half of a (3, S, S) picture is."""
-    u = unnormalise(pixels)
+    u = rgb_values(pixels)
     red = u[..., 0] - u[..., 2]  # (S, S) red minus blue
     return "left" if red[:, : red.shape[1] // 2].mean() > red[:, red.shape[1] // 2:].mean() else "right"
 
@@ -213,10 +213,10 @@ def test_load_video_returns_the_frames_asked_for(tmp_path, ext, codec, options):
         assert read_numbers(np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])) == list(range(n))
     for T in range(1, n + 1, 3):  # eval: segment centres; far apart (seeks) to adjacent (decode on)
         clip, _ = load_video(path, 8, T, train=False)
-        assert read_numbers(unnormalise(clip)) == frame_indices(n, T, False), T
+        assert read_numbers(rgb_values(clip)) == frame_indices(n, T, False), T
     for seed in range(6):  # train: random frames (load_video draws them before the crop)
         clip, _ = load_video(path, 8, 5, train=True, rng=random.Random(seed))
-        assert read_numbers(unnormalise(clip)) == frame_indices(n, 5, True, random.Random(seed)), seed
+        assert read_numbers(rgb_values(clip)) == frame_indices(n, 5, True, random.Random(seed)), seed
 
 
 @pytest.mark.parametrize("ext,codec", [("webm", "libvpx-vp9"), ("mkv", "libx264")])
@@ -240,7 +240,7 @@ def test_load_video_counts_video_not_longer_audio(tmp_path, ext, codec):
         for p in a.encode():
             c.mux(p)
     clip, _ = load_video(path, 8, 4, train=False)
-    assert read_numbers(unnormalise(clip)) == frame_indices(16, 4, False)  # not 4 copies of the last frame
+    assert read_numbers(rgb_values(clip)) == frame_indices(16, 4, False)  # not 4 copies of the last frame
 
 
 def write_noise_clip(path, n, codec):
@@ -260,7 +260,7 @@ def write_noise_clip(path, n, codec):
 def test_short_clip_repeats_but_truncated_clip_raises(tmp_path, ext, codec):
     write_numbered_clip(tmp_path / f"short.{ext}", 3, codec)
     clip, _ = load_video(tmp_path / f"short.{ext}", 24, 4, train=False)  # 3 frames for 4 slots: by design
-    assert read_numbers(unnormalise(clip)) == frame_indices(3, 4, False)
+    assert read_numbers(rgb_values(clip)) == frame_indices(3, 4, False)
     write_noise_clip(tmp_path / f"full.{ext}", 24, codec)
     raw = (tmp_path / f"full.{ext}").read_bytes()
     (tmp_path / f"cut.{ext}").write_bytes(raw[:len(raw) // 2])
