@@ -1,7 +1,9 @@
 """`python bench.py gpu`: one command that checks the GPU path end to end and times it, made to finish in
-about eight minutes on one H100/H200 (the default --budget of 420 s, plus the part running when it ends). Every line is printed as it is measured (a timeout loses nothing
-already printed) and the results so far are written to --json after each line. The sections, most
-important first; one that would start after --budget seconds is skipped, and says so:
+about eight minutes on one H100/H200 (the default --budget of 420 s, plus the part running when it ends).
+Every line is printed as it is measured (a timeout loses nothing already printed) and the results so far
+are written to --json after each line. The sections, most
+important first (--only picks some: `--only profile,compile` after a run that ran out of time); one that
+would start after --budget seconds is skipped, and says so:
 
   numerics  every pre-training loss (images and videos) and the VQA and NLVR2 losses, with the gradient
             of each, on the device against fp32 on the CPU: tiny, dropout 0, the same weights, batches,
@@ -11,7 +13,8 @@ important first; one that would start after --budget seconds is skipped, and say
             tolerance.
   speed     base, bf16, eager: images at 288 px and 4-frame clips at 224 px, batch 32 and 64: s/step,
             samples/s, TFLOP/s, MFU against the card's data-sheet peak, peak memory.
-  profile   the kernels that take the most device time in one eager step of images at batch 64.
+  profile   one eager step of images at batch 64 under the profiler: its wall time, the share of it the device
+            was busy, the kernels launched, the busy time by kind (matmul, attention, norm, ...), the top kernels.
   sync      train.py's own training step, compiled, under torch.cuda.set_sync_debug_mode("error"): any
             host sync inside a step (from the learning rate to the end-of-step vote) raises.
   demo      train.py on the demo data (tiny) for 100 steps on the device: retrieval before and after.
@@ -34,12 +37,13 @@ from dataclasses import replace
 
 import torch
 
-import bench
+import measure
 import model as model_module
 import vision
 from model import CONFIGS, SCLModel
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+SECTIONS = ("numerics", "speed", "profile", "sync", "demo", "loader", "compile")
 # relative tolerances: (loss value, gradient norm). fp32 on the device differs from the CPU only in the order
 # of its sums; TF32 keeps 10 mantissa bits in the matmuls, bf16 7 (and the SCL terms divide by 0.03)
 TOLERANCE = {"fp32": (1e-4, 1e-3), "tf32": (1e-2, 5e-2), "bf16": (3e-2, 0.15)}
@@ -73,9 +77,9 @@ class Report:
 
 @contextlib.contextmanager
 def fixed_draws():
-    """bench.fixed_draws (the same patch masks and hard negatives on every device), undone afterwards."""
+    """measure.fixed_draws (the same patch masks and hard negatives on every device), undone afterwards."""
     saved = vision.tube_mask, model_module.sample_hard_negatives
-    bench.fixed_draws()
+    measure.fixed_draws()
     try:
         yield
     finally:
@@ -98,7 +102,7 @@ def tf32(on):
 def task_batches(config, B, size, frames):
     """{case: batch}: pre-training on images and on clips, VQA (soft targets), NLVR2 (image pairs)."""
     g = torch.Generator().manual_seed(7)
-    images, clips = bench.make_batch(config, B, 1, size, 24, seed=1), bench.make_batch(config, B, frames, size, 24, seed=2)
+    images, clips = measure.make_batch(config, B, 1, size, 24, seed=1), measure.make_batch(config, B, frames, size, 24, seed=2)
     text = {k: images[k] for k in ("text_ids", "text_mask")}
     vqa = dict(text, pixels=images["pixels"], vqa_targets=torch.rand(B, config.n_answers, generator=g).round())
     nlvr2 = dict(text, pixels=torch.randn(B, 2, 1, 3, size, size, generator=g), nlvr2_labels=torch.arange(B) % 2)
@@ -168,8 +172,8 @@ def numerics(rep, device, backend, B=8, size=64, frames=4):
 
 def peak_flops(device):
     if device.type == "cuda":
-        return bench.gpu_peak(torch.cuda.get_device_name(), "bf16"), "data sheet, dense bf16"
-    return bench.cpu_peak(torch.bfloat16), "measured bf16 matmul"
+        return measure.gpu_peak(torch.cuda.get_device_name(), "bf16"), "data sheet, dense bf16"
+    return measure.cpu_peak(torch.bfloat16), "measured bf16 matmul"
 
 
 def compiles():
@@ -188,16 +192,16 @@ def speed_rows(rep, section, m, opt, device, config, shapes, batches, repeats, p
         for media, (T, size) in shapes.items():
             if rep.over(f"{section} {media} batch {B}"):
                 return
-            batch = {k: v.to(device) for k, v in bench.make_batch(config, B, T, size, 40).items()}
+            batch = {k: v.to(device) for k, v in measure.make_batch(config, B, T, size, 40).items()}
             if cuda:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
             graphs0, frames0 = compiles()
-            first = bench.one_step(m, batch, opt, device, "bf16")
+            first = measure.one_step(m, batch, opt, device, "bf16")
             graphs, frames = (now - then for now, then in zip(compiles(), (graphs0, frames0)))
             recompiles, kinds = max(frames - kinds, 0), 0  # a code object's first compile is no recompile
-            sec = statistics.median(bench.one_step(m, batch, opt, device, "bf16") for _ in range(repeats))
-            flops = bench.flops_per_sample(config, T, size, 40)
+            sec = statistics.median(measure.one_step(m, batch, opt, device, "bf16") for _ in range(repeats))
+            flops = measure.flops_per_sample(config, T, size, 40)
             rate = B / sec * flops
             mem = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else float("nan")
             extra = f"; compile: {graphs} graphs, {recompiles} recompiles, {first - sec:.1f} s" if section == "compile" else ""
@@ -209,18 +213,45 @@ def speed_rows(rep, section, m, opt, device, config, shapes, batches, repeats, p
             del batch
 
 
+# what a kernel (CUDA) or an operator (CPU) is, by its name: the first group whose words it contains
+KINDS = (("attention", ("flash", "fmha", "attention", "mem_eff", "sdpa")),
+         ("matmul", ("gemm", "xmma", "cutlass", "nvjet", "wgmma", "aten::mm", "aten::addmm", "aten::bmm",
+                     "aten::linear", "aten::matmul")),
+         ("norm", ("layer_norm", "layernorm")),
+         ("optimizer", ("multi_tensor", "adam")),
+         ("copy", ("memcpy", "memset", "aten::copy_", "aten::_to_copy", "aten::cat")),
+         ("fused (compiled)", ("triton",)))
+
+
+def kind_of(name):
+    low = name.lower()
+    return next((kind for kind, words in KINDS if any(w in low for w in words)), "elementwise, other")
+
+
 def profile(rep, mode, m, opt, device, config, T, size, B, top=12):
-    """The kernels that take the most device time in one training step of `m` (eager or compiled)."""
+    """One training step of `m` (eager or compiled) under the profiler: first a summary (the step's wall time,
+    how much of it the device was busy, kernels launched, the busy time by kind of kernel: KINDS), then the
+    kernels that take the most device time. A device busy for much less than the wall time waits for the host
+    (launches, Python); one that is busy throughout is held by its kernels."""
     from torch.profiler import ProfilerActivity
-    batch = {k: v.to(device) for k, v in bench.make_batch(config, B, T, size, 40).items()}
-    bench.one_step(m, batch, opt, device, "bf16")
+    batch = {k: v.to(device) for k, v in measure.make_batch(config, B, T, size, 40).items()}
+    measure.one_step(m, batch, opt, device, "bf16")
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with torch.profiler.profile(activities=acts) as prof:
-        bench.one_step(m, batch, opt, device, "bf16")
+        wall = measure.one_step(m, batch, opt, device, "bf16")
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)[:top]
-    total = sum(getattr(e, key) for e in prof.key_averages())
+    events = [e for e in prof.key_averages() if getattr(e, key) > 0]
+    total = sum(getattr(e, key) for e in events)  # microseconds
+    by_kind = {}
     for e in events:
+        by_kind[kind_of(e.key)] = by_kind.get(kind_of(e.key), 0) + getattr(e, key) / max(total, 1)
+    shares = ", ".join(f"{k} {100 * v:.0f}%" for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1]))
+    busy, launches = total / 1e6, sum(e.count for e in events)
+    what = "device busy" if device.type == "cuda" else "operators' own CPU time"
+    rep.line("profile", f"profile  {mode:<8} one step {wall:.3f} s, {what} {busy:.3f} s ({100 * busy / wall:.0f}%), "
+             f"{launches} {'kernels' if device.type == 'cuda' else 'operators'}: {shares}", mode=mode, wall_s=wall,
+             busy_s=busy, launches=launches, kinds=by_kind)
+    for e in sorted(events, key=lambda e: getattr(e, key), reverse=True)[:top]:
         rep.line("profile", f"profile  {mode:<8} {100 * getattr(e, key) / max(total, 1):5.1f}%  {e.count:>5} calls  "
                  f"{e.key[:90]}", mode=mode, kernel=e.key, share=getattr(e, key) / max(total, 1), calls=e.count)
 
@@ -311,7 +342,7 @@ def loader_rates(rep, workers_list, batches, B):
             n_batches = max(batches, 6 * w)
             ds = PairDataset(rows * (1 + B * n_batches // len(rows)), image_size=size, frames=frames, train=True)
             t0, n = time.perf_counter(), 0
-            dl = torch.utils.data.DataLoader(ds, batch_size=B, num_workers=w, collate_fn=bench.pixels_only, shuffle=True)
+            dl = torch.utils.data.DataLoader(ds, batch_size=B, num_workers=w, collate_fn=measure.pixels_only, shuffle=True)
             for _, (pixels, _) in zip(range(n_batches), dl):
                 n += len(pixels)
             rate = n / (time.perf_counter() - t0)
@@ -330,38 +361,45 @@ def main(args):
     gpu = dict(config="base", image=(1, 288), video=(4, 224), batches=[64, 32], repeats=5, demo_steps=args.demo_steps or 100,
                sync_steps=20, workers=[4, 8, 16], loader_batches=20, loader_batch=32, backend="inductor")
     p = gpu if cuda else cpu
+    want = set(args.only.split(",")) if args.only else set(SECTIONS)
+    if want - set(SECTIONS):
+        raise SystemExit(f"--only {args.only}: the sections are {','.join(SECTIONS)}")
     rep = Report(args.json, args.budget)
     where = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
     rep.line("machine", f"bench.py gpu on {where}; torch {torch.__version__}; budget {args.budget:.0f} s", device=where,
              torch=torch.__version__)
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = False  # the numerics choose; train.py sets its own
-    numerics(rep, device, p["backend"])
+    if "numerics" in want:
+        numerics(rep, device, p["backend"])
     config = CONFIGS[p["config"]]
     peak, source = peak_flops(device)
     rep.line("machine", f"peak {peak / 1e12:.4g} TFLOP/s ({source}); {p['config']}: "
              f"{sum(x.numel() for x in SCLModel(config).parameters()) / 1e6:.0f}M parameters", peak_tflops=peak / 1e12)
     shapes = {"images": p["image"], "videos": p["video"]}
-    torch.manual_seed(0)
-    eager = SCLModel(config).to(device)
-    opt = torch.optim.AdamW(eager.parameters(), lr=1e-6, fused=True)
-    speed_rows(rep, "speed", eager, opt, device, config, shapes, sorted(p["batches"]), p["repeats"], peak)
-    if not rep.over("profile"):  # eager: cheap, and it names the kernels before any compile time is spent
-        profile(rep, "eager", eager, opt, device, config, *p["image"], max(p["batches"]))
-    del eager, opt
+    if want & {"speed", "profile"}:
+        torch.manual_seed(0)
+        eager = SCLModel(config).to(device)
+        opt = torch.optim.AdamW(eager.parameters(), lr=1e-6, fused=True)
+        if "speed" in want:
+            speed_rows(rep, "speed", eager, opt, device, config, shapes, sorted(p["batches"]), p["repeats"], peak)
+        if "profile" in want and not rep.over("profile"):  # eager: cheap, names the kernels before any compile
+            profile(rep, "eager", eager, opt, device, config, *p["image"], max(p["batches"]))
+        del eager, opt
     runs = os.path.dirname(os.path.abspath(args.json))  # train.py's runs go beside the results
     for name, f in (("sync", lambda: sync_check(rep, device, p["backend"], p["sync_steps"], f"{runs}/bench_gpu_sync")),
                     ("demo", lambda: demo_run(rep, device, p["demo_steps"], f"{runs}/bench_gpu_demo")),
                     ("loader", lambda: loader_rates(rep, p["workers"], p["loader_batches"], p["loader_batch"]))):
-        if not rep.over(name):
+        if name in want and not rep.over(name):
             f()
-    torch.manual_seed(0)
-    compiled = SCLModel(config).to(device).compile_blocks(p["backend"])
-    opt = torch.optim.AdamW(compiled.parameters(), lr=1e-6, fused=True)
-    # every compiled block enters through nn.Module's one call method: after the first graph of the run, each new
-    # (block kind, shape) is a recompile of it
-    speed_rows(rep, "compile", compiled, opt, device, config, shapes, p["batches"], p["repeats"], peak, kinds=1)
-    if not rep.over("profile"):
-        profile(rep, "compiled", compiled, opt, device, config, *p["image"], max(p["batches"]))
+    if "compile" in want:
+        torch.manual_seed(0)
+        compiled = SCLModel(config).to(device).compile_blocks(p["backend"])
+        opt = torch.optim.AdamW(compiled.parameters(), lr=1e-6, fused=True)
+        # every compiled block enters through nn.Module's one call method: after the first graph of the run, each
+        # new (block kind, shape) is a recompile of it
+        speed_rows(rep, "compile", compiled, opt, device, config, shapes, p["batches"], p["repeats"], peak, kinds=1)
+        if "profile" in want and not rep.over("profile"):
+            profile(rep, "compiled", compiled, opt, device, config, *p["image"], max(p["batches"]))
     rep.line("machine", f"done in {rep.elapsed():.0f} s; results in {args.json}", total_s=rep.elapsed())
     return rep.data

@@ -217,6 +217,22 @@ def _clip(rng, nrng, o, motion, T=16):
     return np.stack(frames), boxes[0]
 
 
+def _write_videos(out_dir, paths, n_videos, rng, nrng, fresh):
+    """The demo's clips, split 80/20: one object moving one way each, captioned twice (fresh: see make_demo)."""
+    n_val_videos = max(1, n_videos // 5) if n_videos > 1 else 0
+    for split, n in (("train", n_videos - n_val_videos), ("val", n_val_videos)):
+        rows = []
+        for i in range(n):
+            o, motion = fresh(lambda: (_random_object(rng), rng.choice(list(MOTIONS))),
+                              key=lambda scene: f"{_phrase(scene[0])} moving {scene[1]}")
+            frames, box = _clip(rng, nrng, o, motion)
+            rel = f"videos/{split}_{i:05d}.mp4"
+            write_video(os.path.join(out_dir, rel), frames)
+            caps = [f"{_phrase(o)} moving {motion}", f"the {o['color']} {o['shape']} moves {MOTIONS[motion]}"]
+            rows.append(dict(video=rel, caption=caps, objects=[o], boxes=[box], motion=motion))
+        write_jsonl(rows, paths[f"videos_{split}"])
+
+
 def make_demo(out_dir, n_train=400, n_val=100, n_videos=60, seed=0):
     """Write the demo dataset (deterministic in seed) and return {name: jsonl path}.
     Images: n_train + n_val; videos: n_videos split 80/20; VQA: two questions per image; NLVR2: pairs of
@@ -263,18 +279,7 @@ def make_demo(out_dir, n_train=400, n_val=100, n_videos=60, seed=0):
                 qid += 1
         write_jsonl(rows, paths[f"images_{split}"])
         write_jsonl(vqa, paths[f"vqa_{split}"])
-    n_val_videos = max(1, n_videos // 5) if n_videos > 1 else 0
-    for split, n in (("train", n_videos - n_val_videos), ("val", n_val_videos)):
-        rows = []
-        for i in range(n):
-            o, motion = fresh(lambda: (_random_object(rng), rng.choice(list(MOTIONS))),
-                              key=lambda scene: f"{_phrase(scene[0])} moving {scene[1]}")
-            frames, box = _clip(rng, nrng, o, motion)
-            rel = f"videos/{split}_{i:05d}.mp4"
-            write_video(os.path.join(out_dir, rel), frames)
-            caps = [f"{_phrase(o)} moving {motion}", f"the {o['color']} {o['shape']} moves {MOTIONS[motion]}"]
-            rows.append(dict(video=rel, caption=caps, objects=[o], boxes=[box], motion=motion))
-        write_jsonl(rows, paths[f"videos_{split}"])
+    _write_videos(out_dir, paths, n_videos, rng, nrng, fresh)
     write_nlvr2(out_dir, seed)
     with open(done, "w") as f:
         json.dump(settings, f)

@@ -177,7 +177,7 @@ def object_patches(row, objects, T, image_size, patch):
 
 def _score(model, tokenizer, v, pairs, T, frame, o):
     """The grounding sums (_summary's order) of (clip, phrase, box patches, other boxes' patches) pairs, their
-    clips' vision states v (B, T, 1+N, H); o: max_len, batch_size, device, precision, image_size."""
+    clips' vision states v (B, T, 1+N, H); o: max_len, batch_size, device, precision, image_size, ..."""
     sums = torch.zeros(9, dtype=torch.float64)
     for a in range(0, len(pairs), o["batch_size"]):
         chunk = pairs[a:a + o["batch_size"]]
@@ -198,6 +198,38 @@ def _score(model, tokenizer, v, pairs, T, frame, o):
                 oth = [frame_mean(s, frame).mean().item() for s in oth[:2]]  # mean over the other objects
                 sums[4:] += torch.tensor([1, scores[0][p].item(), scores[1][p].item(), *oth], dtype=torch.float64)
     return sums
+
+
+def _ground(model, tokenizer, loader, keep, rows, objects, T, frame, refuse, bad, o):
+    """The clips of the rows keep[...] (one kind, T frames each) -> (the grounding sums, _summary's order; the
+    pairs left out because their box holds no patch centre). An unreadable file or a bad box raises DataError
+    naming its jsonl line, or with o["skip_bad"] is left out and listed in `bad`."""
+    sums, no_patch = torch.zeros(9, dtype=torch.float64), 0
+    for items in loader:
+        pixels, pairs = [], []                                         # (clip, phrase, box's, others' patches)
+        for it in items:
+            if "bad" in it:  # an unreadable file; the message names its jsonl line
+                if not o["skip_bad"]:
+                    raise DataError(it["bad"])
+                bad.append(it["bad"])
+                continue
+            i = keep[it["index"]]
+            try:
+                inside = object_patches(rows[i], objects[i], T, o["image_size"], o["patch"])  # per object (T, N)
+            except DataError as e:
+                refuse(i, e)
+                continue
+            for k, (phrase, _) in enumerate(objects[i]):
+                if not (inside[k] if frame == "mean" else inside[k][frame]).any():
+                    no_patch += 1
+                    continue
+                pairs.append((len(pixels), phrase, inside[k], inside[:k] + inside[k + 1:]))
+            pixels.append(it["pixels"])
+        if pairs:
+            with autocast(o["device"], o["precision"]):
+                v = model.embed_vision(torch.stack(pixels).to(o["device"]))  # (B, T, 1+N, H)
+            sums += _score(model, tokenizer, v, pairs, T, frame, o)
+    return sums, no_patch
 
 
 @torch.no_grad()
@@ -239,42 +271,16 @@ def evaluate_grounding(model, tokenizer, rows, image_size, frames=4, max_len=40,
         except ValueError as e:
             refuse(i, e)
     model.eval()
-    patch, out = model.config.patch_size, {}
+    o = dict(max_len=max_len, batch_size=batch_size, device=device, precision=precision, image_size=image_size,
+             patch=model.config.patch_size, skip_bad=skip_bad)
+    out = {}
     for kind in ("image", "video"):
         keep = [i for i in objects if rows[i]["kind"] == kind]
-        if not keep:
-            continue
-        T, frame = (1, "mean") if kind == "image" else (frames, video_frame)
-        ds = PairDataset([rows[i] for i in keep], image_size, T, train=False, group=True, skip_bad=True)
-        loader = torch.utils.data.DataLoader(ds, batch_size, num_workers=workers, collate_fn=list)
-        sums, no_patch = torch.zeros(9, dtype=torch.float64), 0     # the order _summary reads them in
-        for items in loader:
-            pixels, pairs = [], []                                     # (clip, phrase, box's, others' patches)
-            for it in items:
-                if "bad" in it:  # an unreadable file; the message names its jsonl line
-                    if not skip_bad:
-                        raise DataError(it["bad"])
-                    bad.append(it["bad"])
-                    continue
-                i = keep[it["index"]]
-                try:
-                    inside = object_patches(rows[i], objects[i], T, image_size, patch)  # per object (T, N)
-                except DataError as e:
-                    refuse(i, e)
-                    continue
-                for k, (phrase, _) in enumerate(objects[i]):
-                    if not (inside[k] if frame == "mean" else inside[k][frame]).any():
-                        no_patch += 1
-                        continue
-                    pairs.append((len(pixels), phrase, inside[k], inside[:k] + inside[k + 1:]))
-                pixels.append(it["pixels"])
-            if not pairs:
-                continue
-            with autocast(device, precision):
-                v = model.embed_vision(torch.stack(pixels).to(device))  # (B, T, 1+N, H)
-            sums += _score(model, tokenizer, v, pairs, T, frame, dict(
-                max_len=max_len, batch_size=batch_size, device=device, precision=precision, image_size=image_size))
-        out[kind] = (sums, no_patch)
+        if keep:
+            T, frame = (1, "mean") if kind == "image" else (frames, video_frame)
+            ds = PairDataset([rows[i] for i in keep], image_size, T, train=False, group=True, skip_bad=True)
+            loader = torch.utils.data.DataLoader(ds, batch_size, num_workers=workers, collate_fn=list)
+            out[kind] = _ground(model, tokenizer, loader, keep, rows, objects, T, frame, refuse, bad, o)
     if not out or not sum(s[0] for s, _ in out.values()):
         where = rows[0].get("jsonl", "the rows") if rows else "the rows"
         raise DataError(f"{where}: no (clip, object) pair to ground: every row was left out or every box "

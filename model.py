@@ -380,21 +380,27 @@ class SCLModel(nn.Module):
         if c.w_mlm:
             out["mlm"] = mlm_loss(self.mlm_head(fused["mlm"][0]), batch["mlm_labels"])
         if c.w_mvsc or c.w_mlsc:
-            # Semantic completion (METHOD.md §6.4-6.5): the masked pass predicts the complete sample's fused
-            # global feature. Each SCL pass gives one loss's prediction and the other's target: the MLSC pass
-            # sees every patch (MVSC's target), the MVSC pass every word (MLSC's). With one of the two off,
-            # the target comes from the complete pair (ITM's positives are its first B rows). The targets
-            # are detached in the loss: the gradient reaches the masked pass only.
-            whole = [x[:B] for x in fused.get("itm", fused.get("whole", ()))]    # (t, v) of the complete pairs
-            t_whole, v_part = self.fuse(t, mask, self.embed_vision(pixels, c.image_mask_ratio)) if c.w_mvsc \
-                else (whole[0], None)                                            # masked patches, full text
-            t_part, v_whole = fused["mlsc"] if c.w_mlsc else (None, whole[1])    # masked words, full clip
-            if c.w_mvsc:
-                out["mvsc"] = semantic_completion(self.vision_global(v_part), self.vision_global(v_whole),
-                                                  c.scl_temperature)
-            if c.w_mlsc:
-                out["mlsc"] = semantic_completion(t_part[:, 0], t_whole[:, 0], c.scl_temperature)
+            out.update(self.scl_losses(pixels, t, mask, fused))
         out["loss"] = sum(getattr(c, "w_" + name) * out[name] for name in LOSSES)
+        return out
+
+    def scl_losses(self, pixels, t, mask, fused):
+        """MVSC and MLSC (METHOD.md §6.4-6.5): the masked pass predicts the complete sample's fused global
+        feature. Each SCL pass gives one loss's prediction and the other's target: the MLSC pass (fused["mlsc"],
+        masked words) sees every patch, so it gives MVSC's target; the MVSC pass made here (masked patches) sees
+        every word, so it gives MLSC's. With one of the two off, the target comes from the complete pair
+        (fused["itm"], whose first B rows are ITM's positives, or fused["whole"]). The targets are detached in
+        the loss: the gradient reaches the masked pass only. -> {"mvsc", "mlsc"}, the terms that are on."""
+        c, B, out = self.config, t.shape[0], {}
+        whole = [x[:B] for x in fused.get("itm", fused.get("whole", ()))]        # (t, v) of the complete pairs
+        t_whole, v_part = self.fuse(t, mask, self.embed_vision(pixels, c.image_mask_ratio)) if c.w_mvsc \
+            else (whole[0], None)                                                # masked patches, full text
+        t_part, v_whole = fused["mlsc"] if c.w_mlsc else (None, whole[1])        # masked words, full clip
+        if c.w_mvsc:
+            out["mvsc"] = semantic_completion(self.vision_global(v_part), self.vision_global(v_whole),
+                                              c.scl_temperature)
+        if c.w_mlsc:
+            out["mlsc"] = semantic_completion(t_part[:, 0], t_whole[:, 0], c.scl_temperature)
         return out
 
     # -- pretrained weights --------------------------------------------------------------------------

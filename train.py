@@ -400,10 +400,8 @@ def train(argv, to_close, status):
     streams = {kind: loader(ds, cfg, collate, batch, rank, world, run.seen[kind], device) for kind, (ds, batch) in sets.items()}
     to_close.append(lambda: [stop_workers(s) for s in streams.values()])
     guard.track_shards(Positions({k: ds for k, (ds, _) in sets.items() if isinstance(ds, ShardStream)}))
-    if world > 1:  # a loss that is off leaves parameters without gradients, which DDP must be told
-        every_loss_on = all(getattr(config, f"w_{name}") > 0 for name in LOSSES) and cfg.task == "pretrain"
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-                    find_unused_parameters=not every_loss_on)
+    if world > 1:
+        model = wrap_ddp(model, cfg, device)
     if cfg.compile:  # per block, in place (DDP's wrapper holds the same modules); validation runs eager
         run.model.compile_blocks()
     guard.catch_signals()
@@ -416,6 +414,13 @@ def train(argv, to_close, status):
     if world > 1 and "RANK" in os.environ:
         dist.destroy_process_group()
     return run.model
+
+
+def wrap_ddp(model, cfg, device):
+    """The model under DDP. A loss that is off leaves parameters without gradients, which DDP must be told."""
+    every_loss_on = all(getattr(model.config, f"w_{name}") > 0 for name in LOSSES) and cfg.task == "pretrain"
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+               find_unused_parameters=not every_loss_on)
 
 
 def take_run_folder(run, data, guard, to_close, status, world):

@@ -15,6 +15,7 @@ from PIL import Image, ImageOps, JpegImagePlugin
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import bench  # noqa: E402
+import measure  # noqa: E402
 from test_data import count_decoded  # noqa: E402
 import data  # noqa: E402
 from model import CONFIGS, Block  # noqa: E402
@@ -31,9 +32,9 @@ def rgb_values(x):
 def test_linear_flops_are_2mnk_forward_and_three_times_that_with_backward():
     m, k, n = 8, 16, 32
     lin, x = nn.Linear(k, n), torch.randn(m, k, requires_grad=True)
-    assert bench.count_flops(lambda: lin(x)) == 2 * m * n * k
+    assert measure.count_flops(lambda: lin(x)) == 2 * m * n * k
     # backward: the input's gradient (m x n @ n x k) and the weight's (n x m @ m x k), 2 m n k each
-    assert bench.count_flops(lambda: lin(x).sum().backward()) == 3 * 2 * m * n * k
+    assert measure.count_flops(lambda: lin(x).sum().backward()) == 3 * 2 * m * n * k
 
 
 def test_transformer_block_flops_match_a_hand_count():
@@ -42,25 +43,25 @@ def test_transformer_block_flops_match_a_hand_count():
         block, x = Block(D, 4, F, 1e-12), torch.randn(B, L, D)
     # q, k, v, proj: 4 x 2 B L D^2; scores and weighted sum: 2 x 2 B L^2 D; MLP: 2 x 2 B L D F
     hand = 8 * B * L * D * D + 4 * B * L * L * D + 4 * B * L * D * F
-    assert bench.count_flops(lambda: block(x)) == hand
+    assert measure.count_flops(lambda: block(x)) == hand
 
 
 def test_flops_per_sample_do_not_depend_on_the_batch_counted():
     c = CONFIGS["tiny"]
     for T in (1, 2):
-        two, four = bench.flops_per_sample(c, T, 32, 16, B=2), bench.flops_per_sample(c, T, 32, 16, B=4)
+        two, four = measure.flops_per_sample(c, T, 32, 16, B=2), measure.flops_per_sample(c, T, 32, 16, B=4)
         assert two > 0 and abs(two - four) / four < 0.01, (T, two, four)  # ITC's B x B logits are all that grow
-    assert bench.flops_per_sample(c, 2, 32, 16) > bench.flops_per_sample(c, 1, 32, 16)  # a second frame costs
+    assert measure.flops_per_sample(c, 2, 32, 16) > measure.flops_per_sample(c, 1, 32, 16)  # a second frame costs
 
 
 def test_cpu_peak_is_a_positive_rate(monkeypatch):
     for dtype in (torch.float32, torch.bfloat16):  # the real measurement: some finite positive rate
-        assert 1e8 < bench.cpu_peak(dtype, n=256, repeats=2) < 1e15, dtype
+        assert 1e8 < measure.cpu_peak(dtype, n=256, repeats=2) < 1e15, dtype
 
     # matmul_seconds is the best of its repeats: a clock that says 0.3, 0.1 and 0.2 s -> 0.1 s
     ticks = iter([0.0, 0.3, 1.0, 1.1, 2.0, 2.2])
-    monkeypatch.setattr(bench.time, "perf_counter", lambda: next(ticks))
-    assert bench.matmul_seconds(8, torch.float32, 3) == pytest.approx(0.1)
+    monkeypatch.setattr(measure.time, "perf_counter", lambda: next(ticks))
+    assert measure.matmul_seconds(8, torch.float32, 3) == pytest.approx(0.1)
     monkeypatch.undo()
 
     # cpu_peak on a machine of known speed R flop/s (an n^3 matmul takes 2 n^3 / R s) is R; the size halves from
@@ -74,8 +75,8 @@ def test_cpu_peak_is_a_positive_rate(monkeypatch):
             calls.append((n, repeats))
             return 2 * n ** 3 / rate
 
-        monkeypatch.setattr(bench, "matmul_seconds", fake)
-        assert bench.cpu_peak(torch.float32, repeats=3) == pytest.approx(rate), rate
+        monkeypatch.setattr(measure, "matmul_seconds", fake)
+        assert measure.cpu_peak(torch.float32, repeats=3) == pytest.approx(rate), rate
         assert calls == [(1024, 1), (final_n, 3)], rate
 
 
@@ -85,13 +86,13 @@ def test_gpu_peaks_pick_the_right_card():
              "NVIDIA A100-SXM4-80GB": 312, "NVIDIA A100-PCIE-40GB": 312, "NVIDIA A10": 125, "NVIDIA L4": 121,
              "NVIDIA L40S": 362, "NVIDIA L40": 181, "NVIDIA GeForce RTX 4090": 165}
     for name, tflops in names.items():
-        assert bench.gpu_peak(name, "bf16") == tflops * 1e12, name
-        assert bench.gpu_peak(name, "fp32") < bench.gpu_peak(name, "bf16"), name
-    assert bench.gpu_peak("NVIDIA A10G", "bf16") is None and bench.gpu_peak("Tesla V100-SXM2-16GB", "bf16") is None
+        assert measure.gpu_peak(name, "bf16") == tflops * 1e12, name
+        assert measure.gpu_peak(name, "fp32") < measure.gpu_peak(name, "bf16"), name
+    assert measure.gpu_peak("NVIDIA A10G", "bf16") is None and measure.gpu_peak("Tesla V100-SXM2-16GB", "bf16") is None
 
 
 def test_step_prints_a_table_with_mfu(capsys, monkeypatch):
-    real_peak = bench.cpu_peak
+    real_peak = measure.cpu_peak
     monkeypatch.setattr(bench, "cpu_peak", lambda dtype: real_peak(dtype, n=512, repeats=2))
     bench.main(["step", "--config", "tiny", "--device", "cpu", "--size", "32", "--batch", "2", "--frames", "2",
                 "--repeats", "1", "--modes", "eager", "--media", "images,videos", "--precision", "fp32"])

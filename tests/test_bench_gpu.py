@@ -61,4 +61,40 @@ def test_bench_gpu_runs_on_the_cpu(tmp_path):
     assert first["graphs"] > 0 and first["recompiles"] == first["graphs"] - 1  # one new graph per block kind and shape
     assert all(r["samples_per_s"] > 0 and 0 < r["mfu"] < 1 for r in data["speed"] + data["compile"])
     assert {r["mode"] for r in data["profile"]} == {"eager", "compiled"}
+    assert all(0 < r["busy_s"] and r["launches"] > 0 for r in data["profile"] if "busy_s" in r)
     assert (tmp_path / "bench_gpu_demo" / "metrics.jsonl").exists()
+
+
+def test_kernels_are_sorted_into_kinds_by_name():
+    """Names as the profiler gives them on an H100/H200 (cuBLAS, FlashAttention, cutlass fMHA, torch's own kernels,
+    inductor) and on a CPU (aten operators)."""
+    cases = {
+        "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1": "matmul",
+        "nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NNT": "matmul",
+        "pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128, 128, 4>>": "attention",
+        "fmha_cutlassB_bf16_aligned_64x64_k64_sm80(PyTorchMemEffAttention::AttentionBackwardKernel)": "attention",
+        "void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<c10::BFloat16, float>": "norm",
+        "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>": "optimizer",
+        "Memcpy HtoD (Pageable -> Device)": "copy",
+        "triton_poi_fused__to_copy_add_gelu_0": "fused (compiled)",
+        "void at::native::vectorized_elementwise_kernel<4, at::native::GeluCUDAKernelImpl>": "elementwise, other",
+        "aten::mm": "matmul",
+        "aten::_scaled_dot_product_flash_attention_for_cpu_backward": "attention",
+        "aten::_to_copy": "copy",
+        "aten::topk": "elementwise, other",
+    }
+    assert {name: bench_gpu.kind_of(name) for name in cases} == cases
+
+
+def test_only_runs_the_sections_asked_for(tmp_path):
+    out = tmp_path / "b.json"
+    bench.main(["gpu", "--device", "cpu", "--only", "profile", "--json", str(out)])
+    data = json.loads(out.read_text())
+    assert set(data) == {"machine", "profile"}
+    summary = [r for r in data["profile"] if "busy_s" in r]
+    assert [r["mode"] for r in summary] == ["eager"]  # the compiled profile comes with the compile section
+    s = summary[0]
+    assert 0 < s["busy_s"] and s["launches"] > 100 and sum(s["kinds"].values()) == pytest.approx(1)
+    assert s["kinds"]["matmul"] > 0.1  # a transformer step: matmuls are a large part on any machine
+    with pytest.raises(SystemExit, match="--only speed,profiles: the sections are numerics,"):
+        bench.main(["gpu", "--device", "cpu", "--only", "speed,profiles", "--json", str(out)])

@@ -17,6 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import eval as ev
 import pictures
+import ranking
 from data import PairDataset
 from model import CONFIGS, SCLModel, resolve_precision
 
@@ -114,7 +115,7 @@ def test_recall_matches_naive_loop(seed):
     if seed == 0:
         sim[0, 0] = np.nan
     for s in (sim, torch.tensor(sim, dtype=torch.float32)):
-        assert ev.recall_at_k(s, txt2img, img2txt) == pytest.approx(naive_recall(sim, txt2img, img2txt))
+        assert ranking.recall_at_k(s, txt2img, img2txt) == pytest.approx(naive_recall(sim, txt2img, img2txt))
 
 
 def test_recall_by_hand():
@@ -126,14 +127,14 @@ def test_recall_by_hand():
     # i2t: image 0 row (0.6, 0.1, 0.8): text 2 (a negative) is above its caption -> rank 2;
     #      image 1 row: its best caption (text 2, 0.8) beats the negative 0.5 -> rank 1.
     #      R@1 = 1/2, R@5 = R@10 = 1, median rank 1.5. mean = (66.67 + 100 + 100 + 50 + 100 + 100) / 6.
-    m = ev.recall_at_k(np.array(sim), [0, 1, 1], [[0], [1, 2]])
+    m = ranking.recall_at_k(np.array(sim), [0, 1, 1], [[0], [1, 2]])
     assert m == pytest.approx(dict(t2i_r1=200 / 3, t2i_r5=100, t2i_r10=100, i2t_r1=50, i2t_r5=100, i2t_r10=100,
                                    mean=(200 / 3 + 450) / 6, t2i_medr=1.0, i2t_medr=1.5))
 
 
 def test_constant_scores_rank_last():
     # a collapsed model must not get perfect recall from ties
-    m = ev.recall_at_k(np.zeros((20, 20)), list(range(20)), [[i] for i in range(20)])
+    m = ranking.recall_at_k(np.zeros((20, 20)), list(range(20)), [[i] for i in range(20)])
     assert m["t2i_r10"] == 0 and m["i2t_r10"] == 0 and m["t2i_medr"] == 20
 
 # -----------------------------------------------------------------------------
@@ -177,7 +178,7 @@ def check_ranked(ranked, d, final, sim, itm, k):
     """ranked[d] holds the head of each query's list in the order of the whole scores `final` (Q, C): the
     re-ranked candidates by ITM with ties in ITC order, then ITC's order, with their ITC and ITM scores."""
     final, sim, itm = (np.asarray(x, dtype=np.float64) for x in (final, sim, itm))
-    m = min(sim.shape[1], max(k, ev.KEEP))
+    m = min(sim.shape[1], max(k, ranking.KEEP))
     for q in range(len(sim)):
         order = sorted(range(sim.shape[1]), key=lambda c: (-final[q, c], -sim[q, c], c))[:m]
         assert ranked[d]["index"][q].tolist() == order, (d, q)
@@ -288,7 +289,7 @@ def test_blockwise_ranking_matches_dense(seed, k, chunk):
     img, txt, txt2img, itm = synthetic_gallery(seed)
     n_img, n_txt = len(img), len(txt)
     img2txt = [[j for j in range(n_txt) if txt2img[j] == i] for i in range(n_img)]
-    metrics, ranked = ev.rank_gallery(img, txt, txt2img, k, chunk, dense_fuse(itm))
+    metrics, ranked = ranking.rank_gallery(img, txt, txt2img, k, chunk, dense_fuse(itm))
     sim = img.double() @ txt.double().t()
     assert len(set(sim.flatten().tolist())) < sim.numel() / 3  # ties everywhere
     i2t, t2i = naive_rerank(sim, itm, k), naive_rerank(sim.t(), itm.t(), k)
@@ -325,9 +326,9 @@ def test_no_whole_score_matrix():
         img @ txt.t()
     assert seen.shape == (n_img, n_txt)
     with Largest() as seen:
-        ev.rank_gallery(img, txt, txt2img, k, chunk, fuse)
+        ranking.rank_gallery(img, txt, txt2img, k, chunk, fuse)
     # a block is at most chunk scores (or one whole row); the lists kept are max(k, KEEP) entries per query
-    assert seen.numel <= max(chunk, n_txt, (n_img + n_txt) * max(k, ev.KEEP)) < n_img * n_txt, seen.shape
+    assert seen.numel <= max(chunk, n_txt, (n_img + n_txt) * max(k, ranking.KEEP)) < n_img * n_txt, seen.shape
 
 
 def test_reranked_ranks_by_hand():
@@ -337,7 +338,7 @@ def test_reranked_ranks_by_hand():
                         [float("nan"), 7.0, -1.0]])  # NaN counts as -inf: the positive at -1.0 is behind 7.0
     positive = torch.tensor([[False, True, False], [False, False, False], [True, False, False],
                              [False, False, True]])
-    ranks = ev.reranked_ranks(itm, positive, torch.tensor([4, 9, 2, 5]))
+    ranks = ranking.reranked_ranks(itm, positive, torch.tensor([4, 9, 2, 5]))
     assert ranks.tolist() == [2, 9, 3, 2]
 
 
