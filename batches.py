@@ -30,7 +30,7 @@ class Stream(torch.utils.data.Sampler):
         b, epoch, perm = self.seen, None, None
         while True:
             e, pos = divmod(b, self.per_epoch)
-            if e != epoch:  # one permutation per epoch (10M samples: ~1 s), not one per batch
+            if e != epoch:  # one permutation per epoch, made when the epoch starts, not one per batch
                 epoch, perm = e, torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + e))
             start = (pos * self.world + self.rank) * self.batch
             yield [(epoch, i) for i in perm[start:start + self.batch].tolist()]

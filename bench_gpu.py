@@ -36,6 +36,7 @@ import time
 from dataclasses import replace
 
 import torch
+from torch.autograd import DeviceType
 
 import measure
 import model as model_module
@@ -228,6 +229,16 @@ def kind_of(name):
     return next((kind for kind, words in KINDS if any(w in low for w in words)), "elementwise, other")
 
 
+def device_busy(entries, cuda):
+    """The profiler's averaged entries that make up the busy time, each counted once -> [(entry, microseconds)]. On
+    CUDA the kernels and copies themselves: a CPU operator's "self device time" repeats the kernels it launched.
+    On a CPU the operators' own CPU time."""
+    if cuda:
+        return [(e, e.self_device_time_total) for e in entries
+                if e.device_type != DeviceType.CPU and e.self_device_time_total > 0]
+    return [(e, e.self_cpu_time_total) for e in entries if e.self_cpu_time_total > 0]
+
+
 def profile(rep, mode, m, opt, device, config, T, size, B, top=12):
     """One training step of `m` (eager or compiled) under the profiler: first a summary (the step's wall time,
     how much of it the device was busy, kernels launched, the busy time by kind of kernel: KINDS), then the
@@ -239,21 +250,20 @@ def profile(rep, mode, m, opt, device, config, T, size, B, top=12):
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with torch.profiler.profile(activities=acts) as prof:
         wall = measure.one_step(m, batch, opt, device, "bf16")
-    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    events = [e for e in prof.key_averages() if getattr(e, key) > 0]
-    total = sum(getattr(e, key) for e in events)  # microseconds
+    events = device_busy(prof.key_averages(), device.type == "cuda")  # [(entry, its own microseconds)]
+    total = sum(t for _, t in events)
     by_kind = {}
-    for e in events:
-        by_kind[kind_of(e.key)] = by_kind.get(kind_of(e.key), 0) + getattr(e, key) / max(total, 1)
+    for e, t in events:
+        by_kind[kind_of(e.key)] = by_kind.get(kind_of(e.key), 0) + t / max(total, 1)
     shares = ", ".join(f"{k} {100 * v:.0f}%" for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1]))
-    busy, launches = total / 1e6, sum(e.count for e in events)
+    busy, launches = total / 1e6, sum(e.count for e, _ in events)
     what = "device busy" if device.type == "cuda" else "operators' own CPU time"
     rep.line("profile", f"profile  {mode:<8} one step {wall:.3f} s, {what} {busy:.3f} s ({100 * busy / wall:.0f}%), "
              f"{launches} {'kernels' if device.type == 'cuda' else 'operators'}: {shares}", mode=mode, wall_s=wall,
              busy_s=busy, launches=launches, kinds=by_kind)
-    for e in sorted(events, key=lambda e: getattr(e, key), reverse=True)[:top]:
-        rep.line("profile", f"profile  {mode:<8} {100 * getattr(e, key) / max(total, 1):5.1f}%  {e.count:>5} calls  "
-                 f"{e.key[:90]}", mode=mode, kernel=e.key, share=getattr(e, key) / max(total, 1), calls=e.count)
+    for e, t in sorted(events, key=lambda et: et[1], reverse=True)[:top]:
+        rep.line("profile", f"profile  {mode:<8} {100 * t / max(total, 1):5.1f}%  {e.count:>5} calls  {e.key[:90]}",
+                 mode=mode, kernel=e.key, share=t / max(total, 1), calls=e.count)
 
 # -----------------------------------------------------------------------------
 # train.py itself: host syncs, the demo, the loader

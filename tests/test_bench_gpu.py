@@ -98,3 +98,18 @@ def test_only_runs_the_sections_asked_for(tmp_path):
     assert s["kinds"]["matmul"] > 0.1  # a transformer step: matmuls are a large part on any machine
     with pytest.raises(SystemExit, match="--only speed,profiles: the sections are numerics,"):
         bench.main(["gpu", "--device", "cpu", "--only", "speed,profiles", "--json", str(out)])
+
+
+def test_device_time_counts_each_kernel_once():
+    """On CUDA the profiler gives an operator (aten::mm, on the CPU) the device time of the kernel it launched, and
+    the kernel its own entry: the busy time takes the kernels alone. On a CPU, the operators' own CPU time."""
+    from types import SimpleNamespace as E
+    from torch.autograd import DeviceType
+    mm = E(key="aten::mm", device_type=DeviceType.CPU, self_device_time_total=10.0, self_cpu_time_total=3.0)
+    gemm = E(key="sm90_xmma_gemm", device_type=DeviceType.CUDA, self_device_time_total=10.0, self_cpu_time_total=0.0)
+    copy = E(key="Memcpy HtoD", device_type=DeviceType.CUDA, self_device_time_total=2.0, self_cpu_time_total=0.0)
+    idle = E(key="aten::view", device_type=DeviceType.CPU, self_device_time_total=0.0, self_cpu_time_total=1.0)
+    got = bench_gpu.device_busy([mm, gemm, copy, idle], cuda=True)
+    assert [(e.key, t) for e, t in got] == [("sm90_xmma_gemm", 10.0), ("Memcpy HtoD", 2.0)]
+    got = bench_gpu.device_busy([mm, idle], cuda=False)
+    assert [(e.key, t) for e, t in got] == [("aten::mm", 3.0), ("aten::view", 1.0)]

@@ -910,17 +910,19 @@ def test_main_video_with_unusual_extension(files, tmp_path):
         assert im.size == (256, 256)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_cuda_plumbing(gallery, naive_scores, tmp_path):
-    """The GPU path (bf16 autocast, states and indices on the device, the fp32 ITM head) agrees with the
-    CPU references up to bf16 precision."""
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a GPU"))])
+def test_device_plumbing_in_bf16(gallery, naive_scores, tmp_path, device):
+    """The GPU path (bf16 autocast, states and indices on the device, the fp32 ITM head) agrees with the fp32 CPU
+    references up to bf16 precision. On the CPU too (bf16 autocast there), so that the test cannot rot between
+    visits to a GPU."""
     model, tok, _, itm = naive_scores
-    model = model.cuda()
+    model = model.to(device)
     try:
-        metrics, ranked = ev.evaluate_retrieval(model, tok, gallery, k=2, batch_size=3, device="cuda", max_len=16,
-                                                image_size=64, frames=1, chunk=5)  # bf16: auto on a GPU
+        metrics, ranked = ev.evaluate_retrieval(model, tok, gallery, k=2, batch_size=3, device=device, max_len=16,
+                                                image_size=64, frames=1, chunk=5, precision="bf16")
         want, want_ranked = run(gallery, model.cpu(), tok, 2)
-        model.cuda()
+        model.to(device)
         for d in ("i2t", "t2i"):
             assert all(x.device.type == "cpu" for x in ranked[d].values())
             torch.testing.assert_close(ranked[d]["itc"], want_ranked[d]["itc"], atol=2e-2, rtol=0)
@@ -929,13 +931,16 @@ def test_cuda_plumbing(gallery, naive_scores, tmp_path):
             assert torch.isfinite(ranked[d]["itm"]).all()
         assert set(metrics) == {"itc", "itm", "gallery"}
         att = pictures.write_attention_png(model, tok, gallery[0]["path"], "a red circle", str(tmp_path / "a.png"),
-                                     image_size=64, max_len=16)
+                                           image_size=64, max_len=16)
         torch.testing.assert_close(att.sum(-1), torch.ones(att.shape[0]))
-        vqa = tiny_model(n_answers=3).cuda()
+        vqa = tiny_model(n_answers=3).to(device)
         rows = [dict(r, question="what?", answers=["yes"] * 10) for r in gallery]
-        score, preds = ev.evaluate_vqa(vqa, tok, rows, ["yes", "no", "2"], device="cuda", max_len=16,
-                                       image_size=64, frames=1)
-        assert len(preds) == len(rows) and 0 <= score <= 100
+        vqa_metrics, preds = ev.evaluate_vqa(vqa, tok, rows, ["yes", "no", "2"], device=device, max_len=16,
+                                             image_size=64, frames=1, precision="bf16")
+        assert len(preds) == len(rows) and vqa_metrics["vqa_questions"] == len(rows)
+        # every question's 10 answers are "yes": the score is 100 x the share of questions answered "yes"
+        share = sum(p["answer"] == "yes" for p in preds) / len(preds)
+        assert vqa_metrics["score"] == pytest.approx(100 * share) and vqa_metrics["metric"] == "VQA accuracy"
     finally:
         model.cpu()
 
