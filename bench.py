@@ -4,6 +4,7 @@
     python bench.py step --config base --batch 32 --size 288       # GPU: the same rows in bf16, MFU vs the data sheet
     python bench.py step --config base --roberta --device cpu --batch 4 --size 224 --precision fp32,bf16 \\
         --modes eager --media images --repeats 4                   # CPU: fp32 vs bf16 alternating, MFU vs measured peak
+    python bench.py losses --config base                           # FLOPs per sample with each loss off
     python bench.py data                                            # ONE loader worker: photos, clips; loose, tar
     python bench.py startup                               # data start-up: a 1M-line jsonl vs 1,000 tar shards
     python bench.py parity --batch 32                     # GPU: fp32, bf16, compiled vs CPU fp32; images, videos
@@ -30,7 +31,7 @@ import torch
 
 from eval import itm_scores
 from measure import cpu_peak, fixed_draws, flops_per_sample, gpu_peak, make_batch, one_step, pixels_only
-from model import CONFIGS, SCLModel, autocast, resolve_precision
+from model import CONFIGS, LOSSES, SCLModel, autocast, resolve_precision
 from ranking import candidate_pairs, rank_gallery
 
 
@@ -176,6 +177,30 @@ def cmd_parity(args):
     for name, err_i, err_v, sec, sps, peak, wall in rows.values():
         print(f"{name:<20}{err_i:>20.2e}{err_v:>8.1e}{sec:>9.3f}{sps:>11.1f}{peak:>10.1f}{wall:>8.0f}")
     return rows
+
+
+def loss_settings():
+    """{name: Config fields}: every loss, each loss off alone, and both SCL losses off (the ablation's no SCL)."""
+    rows = {"every loss": {}}
+    rows.update({f"no {name.upper()}": {f"w_{name}": 0.0} for name in LOSSES})
+    rows["no SCL"] = dict(w_mvsc=0.0, w_mlsc=0.0)
+    return rows
+
+
+def cmd_losses(args):
+    """What each loss costs: forward+backward FLOPs per sample (counted, as MFU counts them) with every loss, with
+    each one off, and with no SCL; images at --size (default: the preset's grid) and --frames-frame videos at
+    --video-size."""
+    config = CONFIGS[args.config]
+    size = args.size or config.image_size
+    shapes = {"images": (1, size), "videos": (args.frames, args.video_size)}
+    print(f"{args.config}, {args.tokens} tokens: GFLOP per sample, forward + backward (and the share of every loss's)")
+    print(f"{'':14}" + "".join(f"{f'{m} {T}x{s} px':>26}" for m, (T, s) in shapes.items()))
+    every = None
+    for name, off in loss_settings().items():
+        flops = [flops_per_sample(replace(config, **off), T, s, args.tokens) for T, s in shapes.values()]
+        every = every or flops
+        print(f"{name:14}" + "".join(f"{f / 1e9:17.1f} ({100 * f / e:3.0f}%)" for f, e in zip(flops, every)))
 
 
 def cmd_train(args):
@@ -491,14 +516,14 @@ def cmd_retrieval(a):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["step", "parity", "train", "data", "startup", "retrieval", "gpu"], help="which benchmark")
+    p.add_argument("what", choices=["step", "losses", "parity", "train", "data", "startup", "retrieval", "gpu"], help="which benchmark")
     p.add_argument("--config", default="tiny", help="model preset")
     p.add_argument("--roberta", action="store_true", help="step: RoBERTa-base's text sizes (vocabulary 50265)")
     p.add_argument("--batch", type=int, default=4, help="batch size")
-    p.add_argument("--frames", type=int, default=4, help="frames per clip (step, data)")
+    p.add_argument("--frames", type=int, default=4, help="frames per clip (step, losses, data)")
     p.add_argument("--size", type=int, default=0,
-                   help="image size; 0: the preset's grid (step), 224 (parity/train), 288 (data)")
-    p.add_argument("--tokens", type=int, default=40, help="step: caption length")
+                   help="image size; 0: the preset's grid (step, losses), 224 (parity/train), 288 (data)")
+    p.add_argument("--tokens", type=int, default=40, help="step, losses: caption length")
     p.add_argument("--precision", default="auto", help="step: auto|bf16|fp32, or a list (fp32,bf16): rows of each")
     p.add_argument("--modes", default="eager,compiled", help="step: eager, compiled (SCLModel.compile_blocks) or both")
     p.add_argument("--media", default="images,videos", help="step: images, videos (--frames frames) or both")
@@ -507,7 +532,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=100, help="training steps (train)")
     p.add_argument("--workers", type=int, default=8, help="data loader workers (train)")
     p.add_argument("--device", default="cuda", help="step: where to time (cpu/cuda); parity: compared with CPU fp32")
-    p.add_argument("--video-size", type=int, default=224, help="data: clip size")
+    p.add_argument("--video-size", type=int, default=224, help="data, losses: clip size")
     p.add_argument("--photos", type=int, default=96, help="data: photos per run")
     p.add_argument("--clips", type=int, default=16, help="data: clips per run")
     p.add_argument("--runs", type=int, default=3, help="data: runs (the median is reported)")
@@ -538,7 +563,7 @@ def main(argv=None):
         a.size = 224
     if a.what in ("data", "startup") and not a.size:
         a.size = 288
-    return {"step": cmd_step, "parity": cmd_parity, "train": cmd_train, "data": cmd_data, "startup": cmd_startup,
+    return {"step": cmd_step, "losses": cmd_losses, "parity": cmd_parity, "train": cmd_train, "data": cmd_data, "startup": cmd_startup,
             "retrieval": cmd_retrieval}[a.what](a)
 
 

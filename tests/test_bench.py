@@ -18,7 +18,7 @@ import bench  # noqa: E402
 import measure  # noqa: E402
 from test_data import count_decoded  # noqa: E402
 import data  # noqa: E402
-from model import CONFIGS, Block  # noqa: E402
+from model import CONFIGS, LOSSES, Block  # noqa: E402
 
 def rgb_values(x):
     """(..., 3, H, W) uint8 tensor, as the loaders give it -> (..., H, W, 3) float values in 0..255."""
@@ -52,6 +52,25 @@ def test_flops_per_sample_do_not_depend_on_the_batch_counted():
         two, four = measure.flops_per_sample(c, T, 32, 16, B=2), measure.flops_per_sample(c, T, 32, 16, B=4)
         assert two > 0 and abs(two - four) / four < 0.01, (T, two, four)  # ITC's B x B logits are all that grow
     assert measure.flops_per_sample(c, 2, 32, 16) > measure.flops_per_sample(c, 1, 32, 16)  # a second frame costs
+
+
+def test_loss_costs_add_up(capsys):
+    """`bench.py losses`: a row per loss of the Config's list, each off alone. The two SCL passes are separate (the
+    masked-vision pass and the masked-text rows), so their costs add up: every loss - no MVSC = no MLSC - no SCL,
+    to the ITC-sized B x B terms. ITC's own cost (two projections and the B x B logits) is near nothing."""
+    from dataclasses import replace
+    assert [k for k in bench.loss_settings() if k.startswith("no ") and k != "no SCL"] == \
+        [f"no {name.upper()}" for name in LOSSES]
+    c = CONFIGS["tiny"]
+    f = {name: measure.flops_per_sample(replace(c, **off), 2, 32, 16) for name, off in bench.loss_settings().items()}
+    mvsc, also_mvsc = f["every loss"] - f["no MVSC"], f["no MLSC"] - f["no SCL"]
+    assert mvsc > 0 and abs(mvsc - also_mvsc) / mvsc < 1e-3, (mvsc, also_mvsc)
+    assert all(f[k] < f["every loss"] for k in ("no ITM", "no MLM", "no MVSC", "no MLSC", "no SCL"))
+    assert f["every loss"] - f["no ITC"] < 0.01 * f["every loss"]
+    bench.main(["losses", "--config", "tiny", "--size", "32", "--video-size", "32", "--frames", "2", "--tokens", "16"])
+    printed = capsys.readouterr().out
+    row = next(line for line in printed.splitlines() if line.startswith("no SCL"))
+    assert f"{f['no SCL'] / 1e9:.1f} ({100 * f['no SCL'] / f['every loss']:3.0f}%)" in row, row
 
 
 def test_cpu_peak_is_a_positive_rate(monkeypatch):
