@@ -60,7 +60,7 @@ def recall_at_k(sim, txt2img, img2txt, ks=(1, 5, 10), sim_t2i=None):
 
     text-to-image: the rank of the text's one image; image-to-text: the rank of the best-ranked of the
     image's captions (the standard protocol). Ties count against the model (see query_ranks).
-    sim_t2i: separate scores for the text-to-image direction. evaluate_retrieval never builds the whole
+    sim_t2i: separate scores for the text-to-image direction. eval.evaluate_retrieval never builds the whole
     matrix (itc_ranking); this is the same rule for scores that are already at hand.
     """
     i2t = query_ranks(sim, img2txt)
