@@ -30,7 +30,7 @@ from dataclasses import replace
 import torch
 
 from eval import itm_scores
-from measure import cpu_peak, fixed_draws, flops_per_sample, gpu_peak, make_batch, one_step, pixels_only
+from measure import fixed_draws, flops_per_sample, make_batch, one_step, peaks_of, pixels_only
 from model import CONFIGS, LOSSES, SCLModel, autocast, resolve_precision
 from ranking import candidate_pairs, rank_gallery
 
@@ -59,16 +59,6 @@ def time_step(model, batch, opt, repeats, cuda, autocast=True):
 def compiled(model):
     """Regional compilation (SCLModel.compile_blocks, in place) where the model has it, else torch.compile."""
     return model.compile_blocks() if hasattr(model, "compile_blocks") else torch.compile(model)
-
-
-def peaks_of(dev, precisions):
-    """-> (the machine in words, {precision: peak FLOP/s or None}, where the peaks come from)."""
-    if dev.type == "cuda":
-        where = torch.cuda.get_device_name()
-        peaks = {p: gpu_peak(where, p) for p in precisions}
-        return where, peaks, "data sheet, dense" if all(peaks.values()) else "unknown GPU: add it to measure.GPU_PEAKS"
-    where = f"CPU, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}"
-    return where, {p: cpu_peak(torch.bfloat16 if p == "bf16" else torch.float32) for p in precisions}, "measured, matmul"
 
 
 def cmd_step(args):

@@ -1,9 +1,9 @@
 """`python bench.py gpu`: one command that checks the GPU path end to end and times it, made to finish in
 about eight minutes on one H100/H200 (the default --budget of 420 s, plus the part running when it ends).
 Every line is printed as it is measured (a timeout loses nothing already printed) and the results so far
-are written to --json after each line. The sections, most
-important first (--only picks some: `--only profile,compile` after a run that ran out of time); one that
-would start after --budget seconds is skipped, and says so:
+are written to --json after each line. The sections, most important first (--only picks some: `--only
+profile,compile` after a run that ran out of time); one that would start after --budget seconds is
+skipped, and says so:
 
   numerics  every pre-training loss (images and videos) and the VQA and NLVR2 losses, with the gradient
             of each, on the device against fp32 on the CPU: tiny, dropout 0, the same weights, batches,
@@ -171,12 +171,6 @@ def numerics(rep, device, backend, B=8, size=64, frames=4):
 # speed and compile
 
 
-def peak_flops(device):
-    if device.type == "cuda":
-        return measure.gpu_peak(torch.cuda.get_device_name(), "bf16"), "data sheet, dense bf16"
-    return measure.cpu_peak(torch.bfloat16), "measured bf16 matmul"
-
-
 def compiles():
     """(graphs, frames compiled) so far: the first compile of a block kind's forward and every recompile of it
     for a new shape each count one frame."""
@@ -254,7 +248,8 @@ def profile(rep, mode, m, opt, device, config, T, size, B, top=12):
     total = sum(t for _, t in events)
     by_kind = {}
     for e, t in events:
-        by_kind[kind_of(e.key)] = by_kind.get(kind_of(e.key), 0) + t / max(total, 1)
+        kind = kind_of(e.key)
+        by_kind[kind] = by_kind.get(kind, 0) + t / max(total, 1)
     shares = ", ".join(f"{k} {100 * v:.0f}%" for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1]))
     busy, launches = total / 1e6, sum(e.count for e, _ in events)
     what = "device busy" if device.type == "cuda" else "operators' own CPU time"
@@ -383,7 +378,8 @@ def main(args):
     if "numerics" in want:
         numerics(rep, device, p["backend"])
     config = CONFIGS[p["config"]]
-    peak, source = peak_flops(device)
+    _, peaks, source = measure.peaks_of(device, ["bf16"])
+    peak = peaks["bf16"] or float("nan")  # a card missing from GPU_PEAKS: no MFU, every other figure
     rep.line("machine", f"peak {peak / 1e12:.4g} TFLOP/s ({source}); {p['config']}: "
              f"{sum(x.numel() for x in SCLModel(config).parameters()) / 1e6:.0f}M parameters", peak_tflops=peak / 1e12)
     shapes = {"images": p["image"], "videos": p["video"]}

@@ -5,6 +5,7 @@ the machine's peak FLOP/s (NVIDIA's data sheets, or a CPU's measured matmul), an
 MFU = samples/s x FLOPs per sample / peak. The FLOPs are what torch.utils.flop_counter counts (matmuls,
 convolutions and attention), once per input shape, with no memory and no compute.
 """
+import os
 import re
 import time
 
@@ -114,6 +115,16 @@ def gpu_peak(name, precision):
         if re.search(pattern, name, re.IGNORECASE):
             return (bf16 if precision == "bf16" else fp32) * 1e12
     return None
+
+
+def peaks_of(dev, precisions):
+    """-> (the machine in words, {precision: peak FLOP/s or None}, where the peaks come from)."""
+    if dev.type == "cuda":
+        where = torch.cuda.get_device_name()
+        peaks = {p: gpu_peak(where, p) for p in precisions}
+        return where, peaks, "data sheet, dense" if all(peaks.values()) else "unknown GPU: add it to measure.GPU_PEAKS"
+    where = f"CPU, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}"
+    return where, {p: cpu_peak(torch.bfloat16 if p == "bf16" else torch.float32) for p in precisions}, "measured, matmul"
 
 
 def one_step(model, batch, opt, dev, precision):

@@ -112,7 +112,7 @@ def test_gpu_peaks_pick_the_right_card():
 
 def test_step_prints_a_table_with_mfu(capsys, monkeypatch):
     real_peak = measure.cpu_peak
-    monkeypatch.setattr(bench, "cpu_peak", lambda dtype: real_peak(dtype, n=512, repeats=2))
+    monkeypatch.setattr(measure, "cpu_peak", lambda dtype: real_peak(dtype, n=512, repeats=2))
     bench.main(["step", "--config", "tiny", "--device", "cpu", "--size", "32", "--batch", "2", "--frames", "2",
                 "--repeats", "1", "--modes", "eager", "--media", "images,videos", "--precision", "fp32"])
     out = capsys.readouterr().out
