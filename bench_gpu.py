@@ -13,15 +13,17 @@ skipped, and says so:
             tolerance.
   speed     base, bf16, eager: images at 288 px and 4-frame clips at 224 px, batch 32 and 64: s/step,
             samples/s, TFLOP/s, MFU against the card's data-sheet peak, peak memory.
-  profile   one eager step of images at batch 64 under the profiler: its wall time, the share of it the device
-            was busy, the kernels launched, the busy time by kind (matmul, attention, norm, ...), the top kernels.
+  profile   one eager step of images, then of videos, at batch 64 under the profiler: its wall time, the share
+            of it the device was busy, the kernels launched, the busy time by kind (matmul, attention, norm,
+            ...), the top kernels.
   sync      train.py's own training step, compiled, under torch.cuda.set_sync_debug_mode("error"): any
             host sync inside a step (from the learning rate to the end-of-step vote) raises.
   demo      train.py on the demo data (tiny) for 100 steps on the device: retrieval before and after.
   loader    train.py's data set and loader on the demo's photos (288 px) and clips (4 x 224 px) with 4, 8 and
             16 workers: samples/s of decoding and augmenting alone.
   compile   the speed rows with compile_blocks: graphs, recompiles, the compile time (first step minus a
-            steady one) and the compiled speed; batch 64 first; then the profile of one compiled step.
+            steady one) and the compiled speed; batch 64 first, then the profile of one compiled step of each
+            media, then batch 32.
 
 On a CPU (`--device cpu`, what the test suite runs) the same code runs for tiny with small sizes and
 torch.compile's "aot_eager" backend (the same graphs, no code generation), so the command cannot rot
@@ -233,7 +235,7 @@ def device_busy(entries, cuda):
     return [(e, e.self_cpu_time_total) for e in entries if e.self_cpu_time_total > 0]
 
 
-def profile(rep, mode, m, opt, device, config, T, size, B, top=12):
+def profile(rep, mode, m, opt, device, config, media, T, size, B, top=10):
     """One training step of `m` (eager or compiled) under the profiler: first a summary (the step's wall time,
     how much of it the device was busy, kernels launched, the busy time by kind of kernel: KINDS), then the
     kernels that take the most device time. A device busy for much less than the wall time waits for the host
@@ -253,12 +255,12 @@ def profile(rep, mode, m, opt, device, config, T, size, B, top=12):
     shares = ", ".join(f"{k} {100 * v:.0f}%" for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1]))
     busy, launches = total / 1e6, sum(e.count for e, _ in events)
     what = "device busy" if device.type == "cuda" else "operators' own CPU time"
-    rep.line("profile", f"profile  {mode:<8} one step {wall:.3f} s, {what} {busy:.3f} s ({100 * busy / wall:.0f}%), "
-             f"{launches} {'kernels' if device.type == 'cuda' else 'operators'}: {shares}", mode=mode, wall_s=wall,
-             busy_s=busy, launches=launches, kinds=by_kind)
+    rep.line("profile", f"profile  {mode:<8} {media:<6} batch {B}: one step {wall:.3f} s, {what} {busy:.3f} s "
+             f"({100 * busy / wall:.0f}%), {launches} {'kernels' if device.type == 'cuda' else 'operators'}: {shares}",
+             mode=mode, media=media, batch=B, wall_s=wall, busy_s=busy, launches=launches, kinds=by_kind)
     for e, t in sorted(events, key=lambda et: et[1], reverse=True)[:top]:
-        rep.line("profile", f"profile  {mode:<8} {100 * t / max(total, 1):5.1f}%  {e.count:>5} calls  {e.key[:90]}",
-                 mode=mode, kernel=e.key, share=t / max(total, 1), calls=e.count)
+        rep.line("profile", f"profile  {mode:<8} {media:<6} {100 * t / max(total, 1):5.1f}%  {e.count:>5} calls  "
+                 f"{e.key[:90]}", mode=mode, media=media, kernel=e.key, share=t / max(total, 1), calls=e.count)
 
 # -----------------------------------------------------------------------------
 # train.py itself: host syncs, the demo, the loader
@@ -389,8 +391,10 @@ def main(args):
         opt = torch.optim.AdamW(eager.parameters(), lr=1e-6, fused=True)
         if "speed" in want:
             speed_rows(rep, "speed", eager, opt, device, config, shapes, sorted(p["batches"]), p["repeats"], peak)
-        if "profile" in want and not rep.over("profile"):  # eager: cheap, names the kernels before any compile
-            profile(rep, "eager", eager, opt, device, config, *p["image"], max(p["batches"]))
+        if "profile" in want:  # eager: cheap, names the kernels before any compile
+            for media, (T, size) in shapes.items():
+                if not rep.over(f"profile eager {media}"):
+                    profile(rep, "eager", eager, opt, device, config, media, T, size, max(p["batches"]))
         del eager, opt
     runs = os.path.dirname(os.path.abspath(args.json))  # train.py's runs go beside the results
     for name, f in (("sync", lambda: sync_check(rep, device, p["backend"], p["sync_steps"], f"{runs}/bench_gpu_sync")),
@@ -404,8 +408,11 @@ def main(args):
         opt = torch.optim.AdamW(compiled.parameters(), lr=1e-6, fused=True)
         # every compiled block enters through nn.Module's one call method: after the first graph of the run, each
         # new (block kind, shape) is a recompile of it
-        speed_rows(rep, "compile", compiled, opt, device, config, shapes, p["batches"], p["repeats"], peak, kinds=1)
-        if "profile" in want and not rep.over("profile"):
-            profile(rep, "compiled", compiled, opt, device, config, *p["image"], max(p["batches"]))
+        first, rest = p["batches"][:1], p["batches"][1:]  # the largest batch, its profile, then the others
+        speed_rows(rep, "compile", compiled, opt, device, config, shapes, first, p["repeats"], peak, kinds=1)
+        for media, (T, size) in shapes.items():
+            if "profile" in want and not rep.over(f"profile compiled {media}"):
+                profile(rep, "compiled", compiled, opt, device, config, media, T, size, first[0])
+        speed_rows(rep, "compile", compiled, opt, device, config, shapes, rest, p["repeats"], peak)
     rep.line("machine", f"done in {rep.elapsed():.0f} s; results in {args.json}", total_s=rep.elapsed())
     return rep.data

@@ -60,7 +60,8 @@ def test_bench_gpu_runs_on_the_cpu(tmp_path):
     first = data["compile"][0]
     assert first["graphs"] > 0 and first["recompiles"] == first["graphs"] - 1  # one new graph per block kind and shape
     assert all(r["samples_per_s"] > 0 and 0 < r["mfu"] < 1 for r in data["speed"] + data["compile"])
-    assert {r["mode"] for r in data["profile"]} == {"eager", "compiled"}
+    assert {(r["mode"], r["media"]) for r in data["profile"]} == {(m, k) for m in ("eager", "compiled")
+                                                                  for k in ("images", "videos")}
     assert all(0 < r["busy_s"] and r["launches"] > 0 for r in data["profile"] if "busy_s" in r)
     assert (tmp_path / "bench_gpu_demo" / "metrics.jsonl").exists()
 
@@ -92,9 +93,10 @@ def test_only_runs_the_sections_asked_for(tmp_path):
     data = json.loads(out.read_text())
     assert set(data) == {"machine", "profile"}
     summary = [r for r in data["profile"] if "busy_s" in r]
-    assert [r["mode"] for r in summary] == ["eager"]  # the compiled profile comes with the compile section
-    s = summary[0]
-    assert 0 < s["busy_s"] and s["launches"] > 100 and sum(s["kinds"].values()) == pytest.approx(1)
+    # images, then videos; the compiled profile comes with the compile section
+    assert [(r["mode"], r["media"]) for r in summary] == [("eager", "images"), ("eager", "videos")]
+    for s in summary:
+        assert 0 < s["busy_s"] and s["launches"] > 100 and sum(s["kinds"].values()) == pytest.approx(1)
     assert s["kinds"]["matmul"] > 0.1  # a transformer step: matmuls are a large part on any machine
     with pytest.raises(SystemExit, match="--only speed,profiles: the sections are numerics,"):
         bench.main(["gpu", "--device", "cpu", "--only", "speed,profiles", "--json", str(out)])
