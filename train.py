@@ -557,7 +557,7 @@ class Meter:
         self.reset()
 
     def reset(self):
-        self.sums, self.samples, self.micro, self.wait, self.t0 = {}, 0, 0, 0.0, time.time()
+        self.sums, self.samples, self.micro, self.wait, self.t0 = {}, 0, 0, 0.0, time.perf_counter()
 
     def next(self, stream):
         """The stream's next batch, timing how long the step waited for the loader."""
@@ -580,7 +580,7 @@ class Meter:
         steps = self.micro // self.accum
         means = {k: v.item() / steps for k, v in self.sums.items()}
         means = {k: round(x, 4) if math.isfinite(x) else None for k, x in means.items() if x != 0}  # JSON: no NaN
-        wall = time.time() - self.t0
+        wall = time.perf_counter() - self.t0
         rate, wait = self.samples / wall, min(1.0, self.wait / wall)
         self.reset()
         return means, rate, wait
