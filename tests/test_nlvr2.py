@@ -427,7 +427,8 @@ def test_finetune_on_the_demo_beats_chance(pretrained, small_demo, tmp_path, cap
     assert f"{len(read_jsonl(train_rows))} image-pair rows, 0 video rows" in capsys.readouterr().out
     assert all("nlvr2" in e and e["loss"] == pytest.approx(e["nlvr2"], abs=1e-4) for e in train_entries(out))
     before, after = [e["val"] for e in metrics(out) if "val" in e]
-    result = ev.main(["nlvr2", "--ckpt", os.path.join(out, "last.pt"), "--data", val_rows, "--workers", "0"])
+    result = ev.main(["nlvr2", "--ckpt", os.path.join(out, "last.pt"), "--data", val_rows, "--workers", "0",
+                      "--device", "cpu"])  # the device of the run's validation, compared below
     rows = read_jsonl(val_rows)
     with open(result["predictions"]) as f:  # the official csv: identifier,True|False
         preds = [line.strip().split(",") for line in f]
@@ -442,7 +443,7 @@ def test_finetune_on_the_demo_beats_chance(pretrained, small_demo, tmp_path, cap
     print(f"NLVR2 demo fine-tuning: accuracy {before['accuracy']:.1f} -> {result['accuracy']:.1f}")
     assert result["accuracy"] >= 65  # 400 pairs: chance is 50 +- 2.5
     baseline = ev.main(["nlvr2", "--ckpt", pretrained, "--fresh-head", "--data", val_rows,
-                        "--workers", "0", "--out", str(tmp_path / "baseline")])
+                        "--workers", "0", "--device", "cpu", "--out", str(tmp_path / "baseline")])
     assert baseline["fresh_head"] and baseline["pairs"] == 400
     # resume continues the NLVR2 run with its own settings
     train.main(flags(out=out, resume=True, steps=102, **NLVR2_RUN))

@@ -73,6 +73,6 @@ def test_resume_keeps_the_runs_settings(demo, coco, tmp_path, capsys):
     ckpt = load(os.path.join(out, "last.pt"))
     del ckpt["train_config"]["preset"], ckpt["train_config"]["dry_run"]
     torch.save(ckpt, os.path.join(out, "last.pt"))
-    train.main(["--out", out, "--resume", "--steps", "2"])
+    train.main(["--out", out, "--resume", "--steps", "2", "--device", "cpu"])
     after = load(os.path.join(out, "last.pt"))
     assert after["step"] == 2 and after["train_config"]["batch_size"] == ckpt["train_config"]["batch_size"]

@@ -88,6 +88,7 @@ def eval_cli(*argv):
     import subprocess
     import sys
     from test_train import REPO
+    argv = [*argv, "--device", "cpu"]  # the tests choose their device: the same figures on any machine
     return subprocess.run([sys.executable, os.path.join(REPO, "eval.py"), *argv], capture_output=True, text=True,
                           timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
 

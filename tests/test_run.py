@@ -262,7 +262,7 @@ def test_resume_takes_the_saved_settings(demo, tmp_path, capsys):
         flag = "--" + next(iter(changed)).replace("_", "-")
         assert flag in one_line(err)
     # no --data, no --lr, no --seed: the saved ones; --steps extends the run and is reported
-    train.main(["--out", out, "--resume", "--steps", "4", "--workers", "0", "--log-every", "1"])
+    train.main(["--out", out, "--resume", "--steps", "4", "--workers", "0", "--log-every", "1", "--device", "cpu"])
     assert "steps 2 -> 4" in capsys.readouterr().out
     ckpt = load(os.path.join(out, "last.pt"))
     assert ckpt["step"] == 4

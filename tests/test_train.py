@@ -621,8 +621,8 @@ def test_finetune_retrieval_then_eval(pretrained, demo, tmp_path):
         assert e["loss"] == pytest.approx(0.5 * e["itc"] + e["itm"], abs=1e-3)
 
     result = ev.main(["retrieval", "--ckpt", os.path.join(out, "last.pt"), "--data", demo["images_val"],
-                      "--k", "4", "--show", "3", "--attention", "a red circle", "--workers", "0",
-                      "--precision", "fp32"])  # fp32: the ranks are compared exactly with the naive ones below
+                      "--k", "4", "--show", "3", "--attention", "a red circle", "--workers", "0", "--device", "cpu",
+                      "--precision", "fp32"])  # fp32 on the CPU: the ranks are compared exactly with the naive ones
     for head in ("itc", "itm"):
         m = result[head]
         assert 0 <= m["t2i_r1"] <= m["t2i_r5"] <= m["t2i_r10"] <= 100 and 1 <= m["i2t_medr"] <= 8
@@ -666,7 +666,8 @@ def test_finetune_vqa_then_eval(pretrained, demo, tmp_path):
     assert ckpt["config"]["n_answers"] == len(ckpt["answers"]) and ckpt["step"] == 3
     assert all("vqa" in e and math.isfinite(e["loss"]) for e in train_entries(out))
 
-    result = ev.main(["vqa", "--ckpt", os.path.join(out, "last.pt"), "--data", demo["vqa_val"], "--workers", "0"])
+    result = ev.main(["vqa", "--ckpt", os.path.join(out, "last.pt"), "--data", demo["vqa_val"], "--workers", "0",
+                      "--device", "cpu"])
     val_rows = read_jsonl(demo["vqa_val"])
     with open(result["predictions"]) as f:
         preds = json.load(f)
