@@ -97,7 +97,7 @@ def test_only_runs_the_sections_asked_for(tmp_path):
     assert [(r["mode"], r["media"]) for r in summary] == [("eager", "images"), ("eager", "videos")]
     for s in summary:
         assert 0 < s["busy_s"] and s["launches"] > 100 and sum(s["kinds"].values()) == pytest.approx(1)
-    assert s["kinds"]["matmul"] > 0.1  # a transformer step: matmuls are a large part on any machine
+        assert s["kinds"]["matmul"] > 0.1  # a transformer step: matmuls are a large part on any machine
     with pytest.raises(SystemExit, match="--only speed,profiles: the sections are numerics,"):
         bench.main(["gpu", "--device", "cpu", "--only", "speed,profiles", "--json", str(out)])
 
